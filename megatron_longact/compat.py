@@ -1,0 +1,254 @@
+"""The one door to megatron-core internals and the CPU runtime layer.
+
+Everything megatron_longact touches that megatron-core does not promise as public API lives here:
+the CPU/gloo runtime layer that lets megatron-core run without CUDA, and (later) the accessors for
+optimizer internals. Each piece names the versions it was tested on and checks, on use, that the
+things it relies on still exist, so a megatron-core upgrade fails loudly here instead of silently
+elsewhere. ``tests/test_compat.py`` is the contract test.
+
+Tested with megatron-core 0.16.1 and torch 2.13.0 (CPU build).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import warnings
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+TESTED_MEGATRON_VERSIONS = ("0.16.1",)
+
+
+def megatron_version() -> str:
+    import megatron.core
+
+    return getattr(megatron.core, "__version__", "unknown")
+
+
+def check_megatron_version(strict: bool = False) -> str:
+    """Warn (or raise with ``strict``) when megatron-core is not a tested version."""
+    version = megatron_version()
+    if version not in TESTED_MEGATRON_VERSIONS:
+        msg = (
+            f"megatron-core {version} is not a version megatron_longact was tested with "
+            f"({', '.join(TESTED_MEGATRON_VERSIONS)}); the contract tests in tests/test_compat.py "
+            "tell whether the internals it relies on still hold"
+        )
+        if strict:
+            raise RuntimeError(msg)
+        warnings.warn(msg, stacklevel=2)
+    return version
+
+
+def require_attr(module_name: str, attr_path: str, params: tuple[str, ...] = ()):
+    """Return ``module.attr.path`` and check that a callable accepts ``params``.
+
+    Raises RuntimeError naming the megatron-core symbol when it moved or its signature changed.
+    """
+    module = importlib.import_module(module_name)
+    obj = module
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise RuntimeError(
+                f"megatron-core {megatron_version()}: {module_name}.{attr_path} is missing; "
+                f"megatron_longact was tested with {TESTED_MEGATRON_VERSIONS}"
+            )
+        obj = getattr(obj, part)
+    if params:
+        names = set(inspect.signature(obj).parameters)
+        missing = [p for p in params if p not in names]
+        if missing:
+            raise RuntimeError(
+                f"megatron-core {megatron_version()}: {module_name}.{attr_path} no longer takes "
+                f"{missing}; megatron_longact was tested with {TESTED_MEGATRON_VERSIONS}"
+            )
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# CPU runtime layer
+# --------------------------------------------------------------------------------------------
+#
+# megatron-core 0.16 hard-codes CUDA in about 175 places: `torch.cuda.current_device()` as a
+# device argument, literal `device="cuda"`, `tensor.type() == 'torch.cuda.FloatTensor'` checks in
+# the optimizers, and a CUDA RNG tracker. Rather than patching each megatron function, the layer
+# works below megatron, at the torch level:
+#   1. a TorchFunctionMode, pushed once for the process, rewrites every CUDA device argument of a
+#      torch call to the CPU, makes `Tensor.cuda()` a no-op and answers `Tensor.type()` with the
+#      CUDA type name megatron expects;
+#   2. the `torch.cuda` functions megatron calls (current_device, synchronize, RNG state, streams,
+#      memory statistics) get CPU stand-ins. `torch.cuda.is_available()` stays False, so code that
+#      branches on it still sees a CPU machine.
+# The "CUDA" RNG is a separate CPU generator: megatron forks it for tensor-parallel regions
+# exactly as it would on a GPU, while the default CPU generator keeps serving everything else.
+
+_CPU = torch.device("cpu")
+_state = {"enabled": False, "mode": None, "saved": []}
+_MISSING = object()
+_VIRTUAL_CUDA_GENERATOR: torch.Generator | None = None
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is how torch.cuda.current_device() names a device.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _map_device(device):
+    return _CPU if _is_cuda_device(device) else device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device requests of torch calls to the CPU (see the module comment)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs) if kwargs else {}
+        if func is torch.Tensor.cuda:
+            tensor = args[0]
+            if kwargs.get("non_blocking") is not None:
+                kwargs.pop("non_blocking")
+            return tensor
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizers sort params by 'torch.cuda.<T>Tensor' names.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if "cuda" not in name else name
+        if "device" in kwargs:
+            kwargs["device"] = _map_device(kwargs["device"])
+        if func is torch.Tensor.to and len(args) > 1:
+            # Tensor.to(device, ...): any int or CUDA name in position 1 is a device.
+            args = (args[0], _map_device(args[1])) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stand-in for torch.cuda.Stream / Event: everything on the CPU is already synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _virtual_generator() -> torch.Generator:
+    global _VIRTUAL_CUDA_GENERATOR
+    if _VIRTUAL_CUDA_GENERATOR is None:
+        _VIRTUAL_CUDA_GENERATOR = torch.Generator(device="cpu")
+    return _VIRTUAL_CUDA_GENERATOR
+
+
+def _cuda_stand_ins() -> list[tuple[str, str, object]]:
+    """(module, attribute, CPU stand-in) for every CUDA entry point megatron-core 0.16 calls."""
+    gen = _virtual_generator
+    stand_ins = {
+        "current_device": lambda: 0,
+        "device_count": lambda: 1,
+        "set_device": lambda *a, **k: None,
+        "synchronize": lambda *a, **k: None,
+        "get_rng_state": lambda *a, **k: gen().get_state(),
+        "set_rng_state": lambda state, *a, **k: gen().set_state(state),
+        "manual_seed": lambda seed: gen().manual_seed(int(seed)),
+        "manual_seed_all": lambda seed: gen().manual_seed(int(seed)),
+        "default_generators": (gen(),),
+        "Stream": _NullStream,
+        "Event": _NullStream,
+        "current_stream": lambda *a, **k: _NullStream(),
+        "default_stream": lambda *a, **k: _NullStream(),
+        "stream": lambda *a, **k: _NullStream(),
+        "memory_allocated": lambda *a, **k: 0,
+        "max_memory_allocated": lambda *a, **k: 0,
+        "memory_reserved": lambda *a, **k: 0,
+        "max_memory_reserved": lambda *a, **k: 0,
+        "reset_peak_memory_stats": lambda *a, **k: None,
+        "empty_cache": lambda *a, **k: None,
+    }
+    patches = [("torch.cuda", name, fn) for name, fn in stand_ins.items()]
+    patches += [
+        ("torch.cuda.random", "get_rng_state", stand_ins["get_rng_state"]),
+        ("torch.cuda.random", "set_rng_state", stand_ins["set_rng_state"]),
+        # megatron's RNG tracker imported these by name; torch defers _lazy_call callbacks until
+        # CUDA initializes, which never happens on the CPU, so run them at once.
+        ("megatron.core.tensor_parallel.random", "_lazy_call", lambda cb, **k: cb()),
+        ("megatron.core.tensor_parallel.random", "_lazy_init", lambda: None),
+        ("megatron.core.tensor_parallel.random", "device_ctx_manager", _NullStream),
+    ]
+    return patches
+
+
+def cpu_runtime_enabled() -> bool:
+    return _state["enabled"]
+
+
+def enable_cpu_runtime() -> None:
+    """Let megatron-core 0.16 run on the CPU with gloo. Call once per process, before building models.
+
+    Refuses to run where CUDA is available: on a GPU machine megatron-core must run unmodified.
+    Idempotent. Undo with :func:`disable_cpu_runtime` (tests only).
+    """
+    if torch.cuda.is_available():
+        raise RuntimeError(
+            "enable_cpu_runtime() is for CPU-only machines; CUDA is available here, so "
+            "megatron-core must run unmodified (use backend 'nccl')"
+        )
+    if _state["enabled"]:
+        return
+    check_megatron_version()
+    saved = []
+    for module_name, attr, stand_in in _cuda_stand_ins():
+        module = importlib.import_module(module_name)
+        if module_name.startswith("megatron") and not hasattr(module, attr):
+            raise RuntimeError(
+                f"megatron-core {megatron_version()}: {module_name}.{attr} is gone; the CPU runtime "
+                f"layer was written for {TESTED_MEGATRON_VERSIONS} and must be updated"
+            )
+        saved.append((module, attr, getattr(module, attr, _MISSING)))
+        setattr(module, attr, stand_in)
+    mode = _CudaToCpuMode()
+    mode.__enter__()
+    _state.update(enabled=True, mode=mode, saved=saved)
+    log.info("megatron_longact CPU runtime layer enabled (torch %s)", torch.__version__)
+
+
+def disable_cpu_runtime() -> None:
+    """Undo :func:`enable_cpu_runtime` (used by tests that check the layer's scope)."""
+    if not _state["enabled"]:
+        return
+    _state["mode"].__exit__(None, None, None)
+    for module, attr, original in reversed(_state["saved"]):
+        if original is _MISSING:
+            delattr(module, attr)
+        else:
+            setattr(module, attr, original)
+    _state.update(enabled=False, mode=None, saved=[])

@@ -1,0 +1,149 @@
+"""Build megatron-core GPTModels from a :class:`ModelConfig`.
+
+Local (pure megatron-core) layer spec on the CPU; Transformer Engine spec when TE is importable and
+CUDA is present (or when asked for). The builder only builds: wrapping in Float16Module and DDP is
+:func:`wrap_for_training`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_longact.config import ConfigError
+from megatron_longact.models.config import ModelConfig
+from megatron_longact.runtime import ParallelConfig
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return False
+    return torch.cuda.is_available()
+
+
+def use_transformer_engine(cfg: ModelConfig) -> bool:
+    if cfg.transformer_impl == "local":
+        return False
+    available = transformer_engine_available()
+    if cfg.transformer_impl == "transformer_engine" and not available:
+        raise ConfigError(
+            "model.transformer_impl: 'transformer_engine' needs Transformer Engine and CUDA; "
+            "install transformer-engine[pytorch] on a GPU machine or use 'local'"
+        )
+    return available
+
+
+def transformer_config(cfg: ModelConfig, parallel: ParallelConfig):
+    """The megatron-core TransformerConfig for this model and layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg.check_layout(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                     parallel.context_parallel_size)
+    dtype = _DTYPES[cfg.params_dtype]
+    cpu = not torch.cuda.is_available()
+    recompute = {}
+    if cfg.recompute == "selective":
+        recompute = dict(recompute_granularity="selective")
+    elif cfg.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform",
+                         recompute_num_layers=1)
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=bool(parallel.sequence_parallel),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=cfg.params_dtype == "bf16",
+        fp16=cfg.params_dtype == "fp16",
+        # Fused kernels come from Apex/TE/CUDA; the CPU path uses the plain torch ops.
+        use_cpu_initialization=cpu,
+        bias_dropout_fusion=not cpu,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=not cpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        **recompute,
+    )
+
+
+def layer_spec(cfg: ModelConfig):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_transformer_engine(cfg):
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
+
+
+def build_model(cfg: ModelConfig, parallel: ParallelConfig):
+    """Build this rank's GPTModel (one pipeline stage) on the current device.
+
+    megatron's parallel state must be initialized (see :func:`megatron_longact.runtime.initialize`).
+    Returns ``(model, transformer_config)``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    tconfig = transformer_config(cfg, parallel)
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=cfg.padded_vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rotary_base),
+        rope_scaling=cfg.rope_scaling,
+        rope_scaling_factor=cfg.rope_scaling_factor,
+        parallel_output=True,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model, tconfig
+
+
+def wrap_for_training(model, tconfig, *, use_distributed_optimizer: bool = True,
+                      grad_reduce_in_fp32: bool = True, bucket_size: int | None = None):
+    """Float16Module (for bf16/fp16) and megatron-core DDP around ``model``."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    if tconfig.bf16 or tconfig.fp16:
+        model = Float16Module(tconfig, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+        bucket_size=bucket_size,
+    )
+    return DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
+
+
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

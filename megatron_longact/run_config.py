@@ -1,0 +1,60 @@
+"""The whole run's configuration: one YAML file, sections filled into typed dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_longact.config import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides
+from megatron_longact.models.config import ModelConfig
+from megatron_longact.runtime.distributed import ParallelConfig
+from megatron_longact.training.config import TrainConfig
+
+
+@dataclass
+class OutputConfig:
+    """Where a run writes."""
+
+    dir: str = "runs/default"
+    """Run folder: the resolved config, TensorBoard logs and checkpoints go under it."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def check_layout(self, world_size: int) -> ParallelConfig:
+        """Validate the parallel layout against the world size, the model and the batch; returns
+        the resolved layout. Raises ConfigError before anything heavy happens."""
+        parallel = self.parallel.resolve(world_size)
+        self.model.check_layout(parallel.tensor_model_parallel_size,
+                                parallel.pipeline_model_parallel_size,
+                                parallel.context_parallel_size)
+        self.train.num_microbatches(parallel.data_parallel_size)
+        if self.train.seq_length > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"train.seq_length: {self.train.seq_length} exceeds "
+                f"model.max_position_embeddings={self.model.max_position_embeddings}"
+            )
+        if self.train.seq_length % parallel.context_parallel_size:
+            raise ConfigError(
+                f"train.seq_length: {self.train.seq_length} is not divisible by "
+                f"parallel.context_parallel_size={parallel.context_parallel_size}"
+            )
+        return parallel
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                    data: dict | None = None) -> RunConfig:
+    """Read a run config from YAML (or a dict), apply ``key=value`` overrides, validate."""
+    raw = load_yaml(path) if path is not None else {}
+    if data:
+        raw = deep_merge(raw, data)
+    if overrides:
+        raw = deep_merge(raw, parse_overrides(overrides))
+    if "model" not in raw:
+        raise ConfigError("model: missing; a run config needs a model section (or include: one)")
+    return from_dict(RunConfig, raw)

@@ -1,0 +1,62 @@
+"""Optimization and batch configuration shared by every training mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron_longact.config import ConfigError, check_choice, check_positive, check_range
+
+
+@dataclass
+class TrainConfig:
+    """Batch sizes, optimizer and schedule. Batch sizes count sequences."""
+
+    mode: Literal["lm"] = "lm"
+    """Training objective. ``lm``: next-token loss on synthetic text (engine smoke test)."""
+    steps: int = 10
+    seed: int = 1234
+    seq_length: int = 128
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks; must be a multiple of
+    micro_batch_size x data_parallel_size (the rest are gradient-accumulation micro-batches)."""
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 turns clipping off."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    use_distributed_optimizer: bool = True
+    """megatron-core's DistributedOptimizer (optimizer state sharded over data-parallel ranks)."""
+    log_interval: int = 1
+
+    def __post_init__(self):
+        check_choice("train.mode", self.mode, ("lm",))
+        for name in ("steps", "seq_length", "micro_batch_size", "global_batch_size", "log_interval"):
+            check_positive(f"train.{name}", getattr(self, name))
+        check_positive("train.lr", self.lr)
+        for name in ("min_lr", "weight_decay", "clip_grad", "lr_warmup_steps"):
+            check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        check_range("train.adam_beta1", self.adam_beta1, 0.0, 1.0, high_open=True)
+        check_range("train.adam_beta2", self.adam_beta2, 0.0, 1.0, high_open=True)
+        check_positive("train.adam_eps", self.adam_eps)
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+
+    def num_microbatches(self, data_parallel_size: int) -> int:
+        per_step = self.micro_batch_size * data_parallel_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size x data_parallel_size = {self.micro_batch_size} x "
+                f"{data_parallel_size}"
+            )
+        return self.global_batch_size // per_step

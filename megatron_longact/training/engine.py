@@ -1,0 +1,151 @@
+"""Model, DDP, optimizer and scheduler set-up, and one optimizer step through megatron's schedule.
+
+Every training mode (LM smoke test now; SFT and RL later) drives the same :class:`Engine`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from megatron_longact.models.builder import build_model, unwrap, wrap_for_training
+from megatron_longact.models.config import ModelConfig
+from megatron_longact.models.sharding import load_global_tensors, reference_init
+from megatron_longact.runtime import ParallelConfig
+from megatron_longact.training.config import TrainConfig
+
+
+@dataclass
+class Engine:
+    model: list  # model chunks (DDP-wrapped), one per virtual pipeline stage
+    optimizer: object  # megatron ChainedOptimizer
+    scheduler: object  # megatron OptimizerParamScheduler
+    tconfig: object  # megatron TransformerConfig
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    parallel: ParallelConfig
+
+    @property
+    def gpt_models(self) -> list:
+        return [unwrap(m) for m in self.model]
+
+
+def reference_initialize(gpt_model, model_cfg: ModelConfig, seed: int) -> None:
+    """Give every parameter its layout-independent initial value (see sharding.reference_init), so
+    that runs with different (TP, PP, DP) start from the same weights."""
+    from megatron.core import parallel_state
+
+    def full(name, shape):
+        return reference_init(name, shape, std=model_cfg.init_method_std,
+                              num_layers=model_cfg.num_layers, seed=seed)
+
+    load_global_tensors(gpt_model, full,
+                        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                        tp_size=parallel_state.get_tensor_model_parallel_world_size())
+
+
+def optimizer_config(train_cfg: TrainConfig, model_cfg: ModelConfig):
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=train_cfg.lr,
+        min_lr=train_cfg.min_lr,
+        weight_decay=train_cfg.weight_decay,
+        adam_beta1=train_cfg.adam_beta1,
+        adam_beta2=train_cfg.adam_beta2,
+        adam_eps=train_cfg.adam_eps,
+        clip_grad=train_cfg.clip_grad,
+        bf16=model_cfg.params_dtype == "bf16",
+        fp16=model_cfg.params_dtype == "fp16",
+        params_dtype={"bf16": torch.bfloat16, "fp16": torch.float16,
+                      "fp32": torch.float32}[model_cfg.params_dtype],
+        use_distributed_optimizer=train_cfg.use_distributed_optimizer,
+    )
+
+
+def setup_engine(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel: ParallelConfig) -> Engine:
+    """Build, initialize and wrap the model; build the optimizer and LR schedule."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    gpt, tconfig = build_model(model_cfg, parallel)
+    reference_initialize(gpt, model_cfg, train_cfg.seed)
+    ddp = wrap_for_training(gpt, tconfig, use_distributed_optimizer=train_cfg.use_distributed_optimizer)
+    chunks = [ddp]
+    optimizer = get_megatron_optimizer(optimizer_config(train_cfg, model_cfg), chunks)
+    # megatron's schedule calls these hooks; the training loop of Megatron-LM sets them the same way.
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.grad_scale_func = optimizer.scale_loss
+    tconfig.no_sync_func = ddp.no_sync
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if train_cfg.lr_warmup_steps else train_cfg.lr,
+        max_lr=train_cfg.lr,
+        min_lr=train_cfg.min_lr,
+        lr_warmup_steps=train_cfg.lr_warmup_steps,
+        lr_decay_steps=max(train_cfg.steps, train_cfg.lr_warmup_steps + 1),
+        lr_decay_style=train_cfg.lr_decay_style,
+        start_wd=train_cfg.weight_decay,
+        end_wd=train_cfg.weight_decay,
+        wd_incr_steps=train_cfg.steps,
+        wd_incr_style="constant",
+    )
+    return Engine(chunks, optimizer, scheduler, tconfig, model_cfg, train_cfg, parallel)
+
+
+def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, num_microbatches: int,
+               seq_length: int, micro_batch_size: int) -> dict:
+    """One optimizer step: forward/backward over the micro-batches through megatron's schedule
+    (with pipelining when PP > 1), gradient reduction, clipping and the optimizer update.
+
+    Returns ``{"losses": [per-micro-batch loss dicts (last stage only)], "grad_norm", "lr",
+    "update_successful"}``.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in engine.model:
+        chunk.zero_grad_buffer()
+    engine.optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=micro_batches,
+        model=engine.model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = engine.optimizer.step()
+    engine.scheduler.step(increment=1)
+    return {
+        "losses": losses,
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "lr": engine.optimizer.param_groups[0]["lr"],
+        "update_successful": bool(update_successful),
+    }
+
+
+def reduce_last_stage_mean(values: list[float]) -> float:
+    """Mean of a per-micro-batch scalar over micro-batches and data-parallel ranks, computed on
+    the last pipeline stage and broadcast to every rank of the pipeline."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    t = torch.zeros(2, dtype=torch.float64)
+    if ps.is_pipeline_last_stage():
+        t[0] = float(sum(values))
+        t[1] = float(len(values))
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return float(t[0] / t[1])
+
+
+__all__ = ["Engine", "setup_engine", "train_step", "reduce_last_stage_mean", "reference_initialize",
+           "dataclasses"]

@@ -84,13 +84,13 @@ def require_attr(module_name: str, attr_path: str, params: tuple[str, ...] = ())
 #   2. the `torch.cuda` functions megatron calls (current_device, synchronize, RNG state, streams,
 #      memory statistics) get CPU stand-ins. `torch.cuda.is_available()` stays False, so code that
 #      branches on it still sees a CPU machine.
-# The "CUDA" RNG is a separate CPU generator: megatron forks it for tensor-parallel regions
-# exactly as it would on a GPU, while the default CPU generator keeps serving everything else.
+# The "CUDA" RNG is the default CPU generator: megatron's tracker forks it (saves its state, loads
+# a named stream, restores it afterwards), so dropout inside a forked region draws from the named
+# stream exactly as it would on a GPU, and the stream outside the region is left untouched.
 
 _CPU = torch.device("cpu")
 _state = {"enabled": False, "mode": None, "saved": []}
 _MISSING = object()
-_VIRTUAL_CUDA_GENERATOR: torch.Generator | None = None
 
 
 def _is_cuda_device(device) -> bool:
@@ -162,26 +162,19 @@ class _NullStream:
         return 0.0
 
 
-def _virtual_generator() -> torch.Generator:
-    global _VIRTUAL_CUDA_GENERATOR
-    if _VIRTUAL_CUDA_GENERATOR is None:
-        _VIRTUAL_CUDA_GENERATOR = torch.Generator(device="cpu")
-    return _VIRTUAL_CUDA_GENERATOR
-
-
 def _cuda_stand_ins() -> list[tuple[str, str, object]]:
     """(module, attribute, CPU stand-in) for every CUDA entry point megatron-core 0.16 calls."""
-    gen = _virtual_generator
     stand_ins = {
         "current_device": lambda: 0,
         "device_count": lambda: 1,
         "set_device": lambda *a, **k: None,
         "synchronize": lambda *a, **k: None,
-        "get_rng_state": lambda *a, **k: gen().get_state(),
-        "set_rng_state": lambda state, *a, **k: gen().set_state(state),
-        "manual_seed": lambda seed: gen().manual_seed(int(seed)),
-        "manual_seed_all": lambda seed: gen().manual_seed(int(seed)),
-        "default_generators": (gen(),),
+        "get_rng_state": lambda *a, **k: torch.get_rng_state(),
+        "set_rng_state": lambda state, *a, **k: torch.set_rng_state(state),
+        # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the generator directly.
+        "manual_seed": lambda seed: torch.default_generator.manual_seed(int(seed)),
+        "manual_seed_all": lambda seed: torch.default_generator.manual_seed(int(seed)),
+        "default_generators": (torch.default_generator,),
         "Stream": _NullStream,
         "Event": _NullStream,
         "current_stream": lambda *a, **k: _NullStream(),

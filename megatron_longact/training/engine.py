@@ -5,7 +5,6 @@ Every training mode (LM smoke test now; SFT and RL later) drives the same :class
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -146,6 +145,3 @@ def reduce_last_stage_mean(values: list[float]) -> float:
                        group=ps.get_pipeline_model_parallel_group())
     return float(t[0] / t[1])
 
-
-__all__ = ["Engine", "setup_engine", "train_step", "reduce_last_stage_mean", "reference_initialize",
-           "dataclasses"]

@@ -1,0 +1,91 @@
+"""``longact-train --config <yaml> [key=value ...]``: the project's main job.
+
+Launch with ``python -m`` / the console script for one process, or under torchrun or srun for
+many; the parallel layout comes from the config. Every check that can fail on user input runs
+before any process group is created or any model is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from megatron_longact.config import ConfigError, to_dict
+from megatron_longact.run_config import RunConfig, load_run_config
+from megatron_longact.runtime import initialize, read_dist_env
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="longact-train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=5 train.lr=1e-4")
+    return p.parse_args(argv)
+
+
+def prepare(argv=None) -> tuple[RunConfig, object]:
+    """Load and validate the config against the launcher's world size (no heavy work)."""
+    args = parse_args(argv)
+    cfg = load_run_config(args.config, args.overrides)
+    env = read_dist_env()
+    parallel = cfg.check_layout(env.world_size)
+    return cfg, parallel
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, parallel = prepare(argv)
+    except ConfigError as exc:
+        print(f"longact-train: config error: {exc}", file=sys.stderr)
+        return 2
+    runtime = initialize(parallel, seed=cfg.train.seed)
+    rank0 = runtime.rank == 0
+    out_dir = Path(cfg.output.dir)
+    writer = None
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(out_dir / "tb"))
+        print(f"longact-train: mode={cfg.train.mode} layout tp={parallel.tensor_model_parallel_size} "
+              f"pp={parallel.pipeline_model_parallel_size} cp={parallel.context_parallel_size} "
+              f"dp={parallel.data_parallel_size} device={runtime.device} steps={cfg.train.steps}",
+              flush=True)
+
+    from megatron_longact.training.lm import train_lm
+
+    start = time.monotonic()
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+
+    def on_step(step, loss, out):
+        if not rank0:
+            return
+        elapsed = time.monotonic() - start
+        tps = tokens_per_step * (step + 1) / max(elapsed, 1e-9)
+        writer.add_scalar("train/lm_loss", loss, step)
+        writer.add_scalar("train/grad_norm", out["grad_norm"], step)
+        writer.add_scalar("train/lr", out["lr"], step)
+        writer.add_scalar("perf/tokens_per_second", tps, step)
+        if step % cfg.train.log_interval == 0 or step == cfg.train.steps - 1:
+            eta = elapsed / (step + 1) * (cfg.train.steps - step - 1)
+            print(f"step {step + 1:>4}/{cfg.train.steps}  lm_loss {loss:.4f}  "
+                  f"grad_norm {out['grad_norm']:.3f}  lr {out['lr']:.2e}  "
+                  f"{tps:,.0f} tok/s  eta {eta:.0f}s", flush=True)
+
+    losses = train_lm(cfg.model, cfg.train, runtime.parallel, runtime.device, on_step=on_step)
+    if rank0:
+        writer.close()
+        print(f"done: lm_loss {losses[0]:.4f} -> {losses[-1]:.4f} in {time.monotonic() - start:.1f}s; "
+              f"logs in {out_dir}", flush=True)
+    from megatron_longact.runtime import destroy
+
+    destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

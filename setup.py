@@ -1,0 +1,42 @@
+"""megatron-longact: saliency-guided sparse Q/K updates (LongAct) for RL on megatron-core."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+
+setup(
+    name="megatron-longact",
+    version="0.1.0",
+    description="LongAct saliency-guided sparse W_Q/W_K updates for GRPO/DAPO on megatron-core",
+    long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_longact", "megatron_longact.*"]),
+    install_requires=[
+        # Tested on 0.16.1; the internals we touch are checked by megatron_longact.compat.
+        "megatron-core>=0.16,<0.17",
+        # torch.nn.RMSNorm (megatron's local norm path) needs 2.4.
+        "torch>=2.4",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "datasets>=2.18",
+        "tensorboard>=2.14",
+        # megatron.core.dist_checkpointing imports psutil but megatron-core does not declare it.
+        "psutil>=5.9",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4"],
+        # FP8 and fused kernels; CUDA only. NVIDIA Apex is optional too but is not on PyPI (the PyPI
+        # package named apex is unrelated): build it from source or use an NVIDIA PyTorch container.
+        "gpu": ["transformer-engine[pytorch]>=1.13"],
+        "hf": ["transformers>=4.51", "safetensors>=0.4"],
+    },
+    entry_points={
+        "console_scripts": [
+            "longact-train=megatron_longact.cli.train:main",
+        ],
+    },
+)

@@ -1,0 +1,6 @@
+import os
+import warnings
+
+# Keep test output readable: megatron-core warns about missing Apex/TE on every import.
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -5,7 +5,7 @@
 Each rank is a fresh spawned process: it sets the torchrun variables (RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT on a free port), calls ``megatron_longact.runtime.initialize`` with the
 layout, runs ``fn(runtime, *args)`` and sends back its return value. ``fn`` must be a module-level
-function (it is pickled by reference). An exception on any rank is re-raised in the test as
+function (it is pickled by reference); results may hold tensors. An exception on any rank is re-raised in the test as
 :class:`RankError` carrying that rank's traceback; ranks still running after ``timeout`` seconds are
 killed and :class:`TimeoutError` names them.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -59,7 +60,9 @@ def _worker(rank, world_size, port, layout, seed, fn, args, out):
             result = fn(runtime, *args)
         finally:
             destroy()
-        out.put((rank, "ok", result))
+        # Plain pickle: the queue's own pickler would pass tensors as shared-memory handles that
+        # die with this process before the test reads them.
+        out.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - everything goes back to the test
         out.put((rank, "error", traceback.format_exc()))
 
@@ -103,7 +106,7 @@ def run_distributed(fn, *, tp: int = 1, pp: int = 1, cp: int = 1, dp: int = 1, a
                     continue
             if status == "error":
                 raise RankError(rank, payload)
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=5 if len(results) == world_size else 0.1)

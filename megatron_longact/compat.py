@@ -106,11 +106,54 @@ def _map_device(device):
     return _CPU if _is_cuda_device(device) else device
 
 
+def _as_tuple(x) -> tuple:
+    if x is None:
+        return ()
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if isinstance(x, dict):
+        return tuple(x.values())
+    return tuple(x)
+
+
+def _run_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
+                  grad_variables=None, inputs=None) -> None:
+    """torch.autograd.backward without its __torch_function__ dispatch: the autograd engine
+    directly, so the engine runs (and recomputes checkpointed forwards) with the mode active."""
+    from torch.autograd import Variable
+
+    tensors = _as_tuple(tensors)
+    grads = _as_tuple(grad_tensors if grad_tensors is not None else grad_variables)
+    if not grads:
+        grads = (None,) * len(tensors)
+    filled = []
+    for t, g in zip(tensors, grads):
+        if g is None:
+            if t.numel() != 1:
+                raise RuntimeError("grad can be implicitly created only for scalar outputs")
+            g = torch.ones_like(t)
+        filled.append(g)
+    keep = create_graph if retain_graph is None else retain_graph
+    Variable._execution_engine.run_backward(
+        tensors, tuple(filled), keep, create_graph, _as_tuple(inputs),
+        allow_unreachable=True, accumulate_grad=True)
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device requests of torch calls to the CPU (see the module comment)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs) if kwargs else {}
+        if func is torch.autograd.backward or func is torch.Tensor.backward:
+            # A mode is switched off while its handler runs; the backward pass (and the forward
+            # recomputation of activation checkpointing inside it) must run with it switched on.
+            if func is torch.Tensor.backward:
+                names = ("tensors", "grad_tensors", "retain_graph", "create_graph", "inputs")
+                kwargs = {("grad_tensors" if k == "gradient" else k): v for k, v in kwargs.items()}
+                kwargs.update(zip(names, args))
+                args = ()
+            with self:
+                return _run_backward(*args, **kwargs)
         if func is torch.Tensor.cuda:
             tensor = args[0]
             if kwargs.get("non_blocking") is not None:

@@ -86,3 +86,23 @@ def test_internals_we_rely_on_exist():
         compat.require_attr("megatron.core.parallel_state", "no_such_function")
     with pytest.raises(RuntimeError, match="no longer takes"):
         compat.require_attr("megatron.core.parallel_state", "initialize_model_parallel", ("bogus",))
+
+
+def test_backward_and_recomputation_run_under_the_layer(cpu_layer):
+    """The autograd engine (where checkpointed forwards are recomputed) sees the layer too."""
+
+    class NeedsCudaInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2 * torch.ones(1, device="cuda")
+
+    x = torch.ones(3, requires_grad=True)
+    NeedsCudaInBackward.apply(x).sum().backward()
+    assert x.grad.tolist() == [2.0, 2.0, 2.0]
+    y = torch.ones(2, requires_grad=True)
+    torch.autograd.backward([NeedsCudaInBackward.apply(y)], grad_tensors=[torch.ones(2)])
+    assert y.grad.tolist() == [2.0, 2.0]

@@ -98,12 +98,16 @@ def setup_engine(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel: Paral
 
 
 def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, num_microbatches: int,
-               seq_length: int, micro_batch_size: int) -> dict:
+               seq_length: int, micro_batch_size: int,
+               before_update: Callable[[], dict] | None = None) -> dict:
     """One optimizer step: forward/backward over the micro-batches through megatron's schedule
     (with pipelining when PP > 1), gradient reduction, clipping and the optimizer update.
 
+    ``before_update`` runs between the backward passes and the optimizer update (LongAct turns the
+    step's statistics into the mask there); its dict is returned under ``"extra"``.
+
     Returns ``{"losses": [per-micro-batch loss dicts (last stage only)], "grad_norm", "lr",
-    "update_successful"}``.
+    "update_successful", "extra"}``.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -119,6 +123,7 @@ def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, 
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    extra = before_update() if before_update is not None else {}
     update_successful, grad_norm, _ = engine.optimizer.step()
     engine.scheduler.step(increment=1)
     return {
@@ -126,6 +131,7 @@ def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, 
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "lr": engine.optimizer.param_groups[0]["lr"],
         "update_successful": bool(update_successful),
+        "extra": extra,
     }
 
 

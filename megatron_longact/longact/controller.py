@@ -1,0 +1,127 @@
+"""The LongAct controller: statistics hooks, global reduction, mask schedule and metrics for one
+model. The optimizer side (applying the masks) builds on :meth:`LongAct.local_qkv_row_masks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_longact.longact.config import LongActConfig
+from megatron_longact.longact.layout import QKGeometry
+from megatron_longact.longact.metrics import saliency_heatmap, step_metrics
+from megatron_longact.longact.state import MaskState
+from megatron_longact.longact.stats import GlobalStats, StatsCollector
+
+
+@dataclass
+class LongActGroups:
+    """The process groups LongAct talks over (None where that dimension has size 1)."""
+
+    dp_cp: object = None
+    """Data- and context-parallel ranks: their tokens are summed."""
+    tp: object = None
+    """Tensor-parallel ranks of one model replica: their channels are assembled."""
+    pp: object = None
+    """Pipeline stages: their layers are assembled."""
+    tp_rank: int = 0
+    tp_size: int = 1
+
+
+def megatron_groups() -> LongActGroups:
+    """The groups of megatron-core's initialized parallel state."""
+    from megatron.core import parallel_state as ps
+
+    return LongActGroups(
+        dp_cp=ps.get_data_parallel_group(with_context_parallel=True),
+        tp=ps.get_tensor_model_parallel_group(),
+        pp=ps.get_pipeline_model_parallel_group(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+    )
+
+
+def _gpt(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+class LongAct:
+    """Per-model LongAct state and hooks.
+
+    One optimizer step::
+
+        for each micro-batch: longact.begin_microbatch(valid_BS, response_BS); forward/backward
+        metrics = longact.end_step(step)      # global statistics -> masks (every rank alike)
+        row_masks = longact.local_qkv_row_masks()
+    """
+
+    def __init__(self, cfg: LongActConfig, model_chunks: list, tconfig, groups: LongActGroups):
+        self.cfg = cfg
+        self.groups = groups
+        self.geometry = QKGeometry.from_transformer_config(tconfig)
+        self.gpt_models = [_gpt(m) for m in model_chunks]
+        self.state = MaskState(cfg, self.geometry)
+        self.last_stats: GlobalStats | None = None
+        self.collector = None
+        if cfg.enabled:
+            self.collector = StatsCollector(self.gpt_models, self.geometry, stat=cfg.stat,
+                                            point=cfg.point, tp_rank=groups.tp_rank,
+                                            tp_size=groups.tp_size)
+
+    def begin_microbatch(self, valid_BS: torch.Tensor | None = None,
+                         response_BS: torch.Tensor | None = None) -> None:
+        """Announce the next micro-batch: ``valid_BS`` [batch, seq] marks non-padding tokens
+        (None: all), ``response_BS`` marks response tokens (needed for tokens=prompt/response)."""
+        if self.collector is None:
+            return
+        tokens = self.cfg.tokens
+        if tokens != "all" and response_BS is None:
+            raise ValueError(f"longact.tokens={tokens!r} needs a response mask for each micro-batch")
+        mask = None if valid_BS is None else valid_BS.bool()
+        if tokens != "all":
+            sel = response_BS.bool() if tokens == "response" else ~response_BS.bool()
+            mask = sel if mask is None else mask & sel
+        self.collector.begin_microbatch(None if mask is None else mask.t().contiguous())
+
+    def set_collecting(self, on: bool) -> None:
+        """Turn statistics on (update passes) or off (rollout and evaluation forwards)."""
+        if self.collector is not None:
+            self.collector.enabled = on
+
+    def end_step(self, step: int) -> dict[str, float]:
+        """Reduce this step's statistics over all ranks, update the EMA and, when the schedule says
+        so, the masks. Returns the step's metrics (empty when LongAct is disabled)."""
+        if self.collector is None:
+            return {}
+        g = self.groups
+        stats = self.collector.reduce(dp_cp_group=g.dp_cp, tp_group=g.tp, pp_group=g.pp)
+        self.last_stats = stats
+        self.state.update(stats, step)
+        return step_metrics(self.state, stats)
+
+    def heatmap(self):
+        """RGB [H, W, 3] uint8 saliency heatmap of the last step's statistics (or None)."""
+        if self.last_stats is None:
+            return None
+        return saliency_heatmap(self.last_stats.q_LC, self.last_stats.k_LC)
+
+    def local_qkv_row_masks(self) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+        """For each of this rank's attention layers: (its linear_qkv module, the [P] bool TP-local
+        row mask, True = update). Empty while no mask is active."""
+        if not self.state.active:
+            return []
+        out = []
+        for model in self.gpt_models:
+            for layer in model.decoder.layers:
+                idx = layer.layer_number - 1
+                rows = self.geometry.local_row_mask(self.state.q_keep_LC[idx], self.state.k_keep_LC[idx],
+                                                    self.groups.tp_rank, self.groups.tp_size)
+                out.append((layer.self_attention.linear_qkv, rows))
+        return out
+
+    def remove(self) -> None:
+        if self.collector is not None:
+            self.collector.remove_hooks()

@@ -1,0 +1,233 @@
+"""Q/K activation statistics collected with module hooks on megatron-core attention.
+
+Hook points (the same for the local and the Transformer Engine layer specs, which both build
+``q_layernorm`` / ``k_layernorm`` modules, an ``IdentityOp`` when the model has no QK-norm):
+- ``pre_rope``: forward hooks on ``self_attention.q_layernorm`` and ``k_layernorm``; their
+  outputs are the projection after QK-norm and before RoPE, exactly what the masked W_Q/W_K rows
+  produce.
+- ``post_rope``: a forward pre-hook on ``self_attention.core_attention``; its query/key inputs are
+  what attention consumes. RoPE rotates channel pairs (d, d + D/2), so the per-channel value used is
+  the pair norm, which RoPE leaves unchanged.
+
+Tensors seen by the hooks: ``q_SBHD`` [seq, batch, local query heads, head dim] and ``k_SBGD``
+[seq, batch, local key groups, head dim]. Accumulators are fp32, detached, indexed by
+(stage-local layer, global channel) so that the cross-rank reduction is a plain sum.
+
+Activation recomputation re-runs forwards during backward. Each micro-batch gets an id when the
+training step announces it (:meth:`StatsCollector.begin_microbatch`); a hook that fires a second
+time for the same (layer, id) is a recomputation and is ignored. Under pipeline schedules the
+recomputation of micro-batch j happens after a later micro-batch's forward has already passed
+every layer of the stage, so the same rule holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_longact.longact.layout import QKGeometry
+
+
+@dataclass
+class GlobalStats:
+    """Statistics of the whole global batch, identical on every rank.
+
+    ``q_LC`` [L, Cq] and ``k_LC`` [L, Ck] in global channel order; ``tokens_L`` [L] counts.
+    """
+
+    q_LC: torch.Tensor
+    k_LC: torch.Tensor
+    tokens_L: torch.Tensor
+
+
+class StatsCollector:
+    """Accumulates per-channel Q/K statistics of this rank's layers over the micro-batches of a step.
+
+    Usage per optimizer step::
+
+        collector.begin_microbatch(token_mask_SB)   # before each micro-batch's forward
+        ...forward/backward through megatron's schedule...
+        stats = collector.reduce(dp_cp_group=..., tp_group=..., pp_group=...)  # then reset
+    """
+
+    def __init__(self, gpt_models: list, geometry: QKGeometry, *, stat: str = "mean_abs",
+                 point: str = "pre_rope", tp_rank: int = 0, tp_size: int = 1):
+        self.geometry = geometry
+        self.stat = stat
+        self.point = point
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.enabled = True
+        heads, groups, owner = geometry.local_heads(tp_rank, tp_size)
+        D = geometry.head_dim
+        # Global channel indices of this rank's local heads/groups, flattened as [heads * D].
+        self._q_idx = (heads[:, None] * D + torch.arange(D)).reshape(-1)
+        self._k_idx = (groups[:, None] * D + torch.arange(D)).reshape(-1)
+        self._k_owner = owner.repeat_interleave(D)
+        self._layers: list[int] = []  # global layer index of each stage-local slot
+        self._handles = []
+        self._device = None
+        self._mb_id = 0
+        self._token_mask_SB: torch.Tensor | None = None
+        self._seen: dict[tuple[int, str], int] = {}
+        for model in gpt_models:
+            for layer in model.decoder.layers:
+                self._attach(layer)
+        self.reset()
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _attach(self, layer) -> None:
+        attn = layer.self_attention
+        slot = len(self._layers)
+        self._layers.append(layer.layer_number - 1)
+        if self.point == "pre_rope":
+            for which, module in (("q", attn.q_layernorm), ("k", attn.k_layernorm)):
+                if not isinstance(module, torch.nn.Module):
+                    raise NotImplementedError(
+                        "longact.point=pre_rope hooks self_attention.q_layernorm/k_layernorm; this "
+                        "layer spec builds none (use a megatron GPT layer spec or point=post_rope)"
+                    )
+                self._handles.append(module.register_forward_hook(self._make_output_hook(slot, which)))
+        else:
+            self._handles.append(attn.core_attention.register_forward_pre_hook(
+                self._make_core_attention_hook(slot), with_kwargs=True))
+
+    def _make_output_hook(self, slot: int, which: str):
+        def hook(module, inputs, output):
+            self._observe(slot, which, output)
+        return hook
+
+    def _make_core_attention_hook(self, slot: int):
+        def hook(module, args, kwargs):
+            query = args[0] if len(args) > 0 else kwargs["query"]
+            key = args[1] if len(args) > 1 else kwargs["key"]
+            self._observe(slot, "q", query)
+            self._observe(slot, "k", key)
+        return hook
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # -- accumulation ------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Zero the accumulators (after each reduction)."""
+        n = len(self._layers)
+        g = self.geometry
+        device = getattr(self, "_device", None) or torch.device("cpu")
+        self._q = torch.zeros(n, g.q_channels, dtype=torch.float32, device=device)
+        self._k = torch.zeros(n, g.k_channels, dtype=torch.float32, device=device)
+        self._count = torch.zeros(n, dtype=torch.float64, device=device)
+        self._seen.clear()
+
+    def _to_device(self, device: torch.device) -> None:
+        # Accumulate where the activations live: no host sync inside the forward pass.
+        self._device = device
+        for name in ("_q", "_k", "_count", "_q_idx", "_k_idx", "_k_owner"):
+            setattr(self, name, getattr(self, name).to(device))
+
+    def begin_microbatch(self, token_mask_SB: torch.Tensor | None = None) -> None:
+        """Announce the next micro-batch; ``token_mask_SB`` [seq, batch] selects counted tokens
+        (None counts all). Pass the mask in the same sequence layout the model sees (this CP
+        rank's chunk under context parallelism)."""
+        self._mb_id += 1
+        self._token_mask_SB = None if token_mask_SB is None else token_mask_SB.detach()
+
+    def _observe(self, slot: int, which: str, x_SBND: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        if x_SBND.dim() != 4:
+            raise NotImplementedError(
+                f"LongAct statistics expect [seq, batch, heads, dim] q/k tensors, got shape "
+                f"{tuple(x_SBND.shape)} (packed THD sequences are not supported)"
+            )
+        key = (slot, which)
+        if self._seen.get(key) == self._mb_id:
+            return  # activation recomputation of a micro-batch already counted
+        self._seen[key] = self._mb_id
+        if self._q.device != x_SBND.device:
+            self._to_device(x_SBND.device)
+        with torch.no_grad():
+            x = x_SBND.detach().float()
+            if self.point == "post_rope":
+                half = x.shape[-1] // 2
+                pair = torch.sqrt(x[..., :half] ** 2 + x[..., half:] ** 2)
+                x = torch.cat([pair, pair], dim=-1)
+            else:
+                x = x.abs()
+            S, B = x.shape[:2]
+            mask = self._token_mask_SB
+            if mask is None:
+                mask = torch.ones(S, B, dtype=torch.float32, device=x.device)
+            else:
+                if tuple(mask.shape) != (S, B):
+                    raise ValueError(
+                        f"LongAct token mask has shape {tuple(mask.shape)}, but the attention sees "
+                        f"[seq={S}, batch={B}]"
+                    )
+                mask = mask.to(device=x.device, dtype=torch.float32)
+            if self.stat == "max_abs":
+                value = (x * mask[:, :, None, None]).amax(dim=(0, 1)).reshape(-1)
+            else:
+                xx = x * x if self.stat == "rms" else x
+                value = torch.einsum("sb,sbnd->nd", mask, xx).reshape(-1)
+            if which == "q":
+                target, idx = self._q, self._q_idx
+                self._count[slot] += mask.sum().to(torch.float64)
+            else:
+                target, idx = self._k, self._k_idx
+                value = value * self._k_owner  # a shared key group is reported by its owner only
+            if self.stat == "max_abs":
+                target[slot, idx] = torch.maximum(target[slot, idx], value)
+            else:
+                target[slot, idx] += value
+
+    # -- reduction ---------------------------------------------------------------------------
+    def reduce(self, *, dp_cp_group=None, tp_group=None, pp_group=None,
+               reset: bool = True) -> GlobalStats:
+        """Global statistics of the step, identical on every rank.
+
+        1. Sum (max for max_abs) the accumulators and token counts over ``dp_cp_group``: the
+           statistic of the whole global batch.
+        2. Turn sums into the statistic (mean or root mean square).
+        3. Assemble whole layers over ``tp_group`` and all layers over ``pp_group``. Each rank
+           holds its own channels and layers and zeros elsewhere, so a sum is an exact gather.
+        Any group may be None when that dimension has size 1 or no process group exists.
+        """
+        max_op = self.stat == "max_abs"
+        q, k = self._q.clone(), self._k.clone()
+        count = self._count.clone()
+        if _size(dp_cp_group) > 1:
+            op = dist.ReduceOp.MAX if max_op else dist.ReduceOp.SUM
+            dist.all_reduce(q, op=op, group=dp_cp_group)
+            dist.all_reduce(k, op=op, group=dp_cp_group)
+            dist.all_reduce(count, group=dp_cp_group)
+        if not max_op:
+            denom = count.clamp(min=1.0).to(torch.float32)[:, None]
+            q, k = q / denom, k / denom
+            if self.stat == "rms":
+                q, k = q.sqrt(), k.sqrt()
+        L, device = self.geometry.num_layers, q.device
+        q_LC = torch.zeros(L, self.geometry.q_channels, device=device)
+        k_LC = torch.zeros(L, self.geometry.k_channels, device=device)
+        tokens_L = torch.zeros(L, dtype=torch.float64, device=device)
+        layers = torch.tensor(self._layers, dtype=torch.long, device=device)
+        q_LC[layers] = q
+        k_LC[layers] = k
+        if self.tp_rank == 0:
+            tokens_L[layers] = count
+        for group in (tp_group, pp_group):
+            if _size(group) > 1:
+                for t in (q_LC, k_LC, tokens_L):
+                    dist.all_reduce(t, group=group)
+        if reset:
+            self.reset()
+        return GlobalStats(q_LC.cpu(), k_LC.cpu(), tokens_L.cpu())
+
+
+def _size(group) -> int:
+    if group is None or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)

@@ -1,0 +1,210 @@
+"""Selection, statistics knobs and metrics, checked on chosen tensors (single process)."""
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_longact.config import ConfigError
+from megatron_longact.longact import LongActConfig, QKGeometry, keep_count, select_channels
+from megatron_longact.longact.metrics import jaccard_L, saliency_heatmap, step_metrics
+from megatron_longact.longact.state import MaskState
+from megatron_longact.longact.stats import GlobalStats, StatsCollector
+from tests.longact_fakes import fake_model, run_layers
+
+GEO = QKGeometry(num_layers=2, num_heads=4, num_groups=2, head_dim=4)
+
+
+def test_keep_count_rounds_and_clamps():
+    assert keep_count(10, 0.3) == 3
+    assert keep_count(16, 0.3) == 5  # 4.8 -> 5
+    assert keep_count(3, 0.01) == 1
+    assert keep_count(4, 1.0) == 4
+
+
+def test_topk_layer_scope_and_ties():
+    q = torch.zeros(2, 16)
+    q[0, [3, 7, 9]] = 5.0
+    q[1, :] = 1.0  # all tied: the lowest indices win
+    k = torch.arange(16.0).repeat(2, 1).flip(1)[:, :8]
+    qm, km = select_channels(q, k, GEO, keep_ratio=0.3, scope="layer", strategy="topk")
+    assert qm.sum(1).tolist() == [5, 5]
+    assert set(torch.nonzero(qm[0]).flatten().tolist()) >= {3, 7, 9}
+    assert torch.nonzero(qm[1]).flatten().tolist() == [0, 1, 2, 3, 4]
+    assert torch.nonzero(km[0]).flatten().tolist() == [0, 1]  # k = [15..8], highest first
+
+
+def test_bottomk_random_none_keep_the_same_count():
+    torch.manual_seed(0)
+    q, k = torch.rand(2, 16), torch.rand(2, 8)
+    top, _ = select_channels(q, k, GEO, keep_ratio=0.25, scope="layer", strategy="topk")
+    bottom, _ = select_channels(q, k, GEO, keep_ratio=0.25, scope="layer", strategy="bottomk")
+    rnd1, _ = select_channels(q, k, GEO, keep_ratio=0.25, scope="layer", strategy="random", seed=1)
+    rnd2, _ = select_channels(q, k, GEO, keep_ratio=0.25, scope="layer", strategy="random", seed=1)
+    rnd3, _ = select_channels(q, k, GEO, keep_ratio=0.25, scope="layer", strategy="random", seed=2)
+    none, knone = select_channels(q, k, GEO, keep_ratio=0.25, scope="layer", strategy="none")
+    for m in (top, bottom, rnd1):
+        assert m.sum(1).tolist() == [4, 4]
+    assert not (top & bottom).any()
+    for layer in range(2):
+        assert q[layer][bottom[layer]].max() < q[layer][top[layer]].min()
+    assert torch.equal(rnd1, rnd2) and not torch.equal(rnd1, rnd3)
+    assert none.all() and knone.all()
+
+
+def test_head_and_model_scope():
+    torch.manual_seed(1)
+    q, k = torch.rand(2, 16), torch.rand(2, 8)
+    qm, km = select_channels(q, k, GEO, keep_ratio=0.5, scope="head", strategy="topk")
+    assert qm.reshape(2, 4, 4).sum(-1).eq(2).all() and km.reshape(2, 2, 4).sum(-1).eq(2).all()
+    q[1] += 10.0  # layer 1 dominates a model-wide selection
+    qm, _ = select_channels(q, k, GEO, keep_ratio=0.5, scope="model", strategy="topk")
+    assert qm.sum() == 16 and qm[1].all() and not qm[0].any()
+
+
+def test_select_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"q statistics: shape \(2, 15\)"):
+        select_channels(torch.zeros(2, 15), torch.zeros(2, 8), GEO, keep_ratio=0.3, scope="layer", strategy="topk")
+    bad = torch.zeros(2, 16)
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"not finite in layers \[1\]"):
+        select_channels(bad, torch.zeros(2, 8), GEO, keep_ratio=0.3, scope="layer", strategy="topk")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("keep_ratio", 0.0, "longact.keep_ratio"), ("keep_ratio", 1.5, "longact.keep_ratio"),
+    ("stat", "mean", "longact.stat"), ("point", "mid_rope", "longact.point"),
+    ("tokens", "some", "longact.tokens"), ("ema", 1.0, "longact.ema"),
+    ("scope", "block", "longact.scope"), ("strategy", "top", "longact.strategy"),
+    ("schedule", "sometimes", "longact.schedule"), ("every_n", 0, "longact.every_n"),
+    ("apply_to", "weights", "longact.apply_to")])
+def test_invalid_config_values(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        LongActConfig(**{field: value})
+    assert issubclass(ConfigError, ValueError)
+
+
+def _collector(stat="mean_abs", point="pre_rope"):
+    model = fake_model(1, 2)
+    return model, StatsCollector([model], GEO, stat=stat, point=point)
+
+
+def _qk(seed=0, S=6, B=2):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, S, B, 4, 4, generator=gen), torch.randn(2, S, B, 2, 4, generator=gen))
+
+
+@pytest.mark.parametrize("stat", ["mean_abs", "rms", "max_abs"])
+def test_statistics_formulas(stat):
+    model, col = _collector(stat)
+    q, k = _qk()
+    col.begin_microbatch()
+    run_layers(model, q, k)
+    got = col.reduce()
+    ref = {"mean_abs": lambda x: x.abs().mean((1, 2)),
+           "rms": lambda x: x.pow(2).mean((1, 2)).sqrt(),
+           "max_abs": lambda x: x.abs().amax((1, 2))}[stat]
+    torch.testing.assert_close(got.q_LC, ref(q).reshape(2, 16))
+    torch.testing.assert_close(got.k_LC, ref(k).reshape(2, 8))
+
+
+def test_post_rope_uses_pair_norms():
+    model, col = _collector(point="post_rope")
+    q, k = _qk()
+    col.begin_microbatch()
+    run_layers(model, q, k)
+    got = col.reduce()
+    pair = torch.sqrt(q[..., :2] ** 2 + q[..., 2:] ** 2).mean((1, 2))
+    torch.testing.assert_close(got.q_LC, torch.cat([pair, pair], -1).reshape(2, 16))
+
+
+def test_token_mask_and_microbatch_accumulation():
+    model, col = _collector()
+    q, k = _qk(S=6, B=2)
+    mask_SB = torch.zeros(6, 2, dtype=torch.bool)
+    mask_SB[:4, 0] = True
+    mask_SB[2:, 1] = True
+    # two micro-batches: the same tokens split in two halves of the batch
+    for b in range(2):
+        col.begin_microbatch(mask_SB[:, b:b + 1])
+        run_layers(model, q[:, :, b:b + 1], k[:, :, b:b + 1])
+    got = col.reduce()
+    sel = mask_SB[None, :, :, None, None]
+    ref = (q.abs() * sel).sum((1, 2)) / mask_SB.sum()
+    torch.testing.assert_close(got.q_LC, ref.reshape(2, 16))
+    assert got.tokens_L.tolist() == [8.0, 8.0]
+
+
+def test_recomputation_is_not_counted_twice():
+    model, col = _collector()
+    q, k = _qk()
+    col.begin_microbatch()
+    run_layers(model, q, k)
+    run_layers(model, q * 100, k * 100)  # a recomputed forward of the same micro-batch
+    torch.testing.assert_close(col.reduce().q_LC, q.abs().mean((1, 2)).reshape(2, 16))
+
+
+def test_statistics_keep_no_graph():
+    model, col = _collector()
+    q, k = _qk()
+    q.requires_grad_(True)
+    col.begin_microbatch()
+    run_layers(model, q, k)
+    assert not col._q.requires_grad and col._q.dtype == torch.float32
+
+
+def test_ema_and_schedules():
+    s1 = GlobalStats(torch.ones(2, 16), torch.ones(2, 8), torch.ones(2))
+    s2 = GlobalStats(torch.full((2, 16), 3.0), torch.full((2, 8), 3.0), torch.ones(2))
+    st = MaskState(LongActConfig(ema=0.5), GEO)
+    st.update(s1, 0)
+    st.update(s2, 1)
+    assert torch.allclose(st.ema_q_LC, torch.full((2, 16), 2.0))
+
+    st = MaskState(LongActConfig(schedule="every_n", every_n=2, warmup_steps=1), GEO)
+    assert [st.update(s1, t) for t in range(6)] == [False, True, False, True, False, True]
+    st = MaskState(LongActConfig(schedule="fixed", warmup_steps=2), GEO)
+    assert [st.update(s1, t) for t in range(5)] == [False, False, True, False, False]
+    assert st.last_mask_step == 2
+
+
+def test_metrics_and_heatmap():
+    torch.manual_seed(0)
+    st = MaskState(LongActConfig(), GEO)
+    s = GlobalStats(torch.rand(2, 16), torch.rand(2, 8), torch.ones(2))
+    m0 = step_metrics(st, s)
+    assert m0["longact/kept_fraction_q"] == 1.0 and m0["longact/mask_active"] == 0.0
+    st.update(s, 0)
+    st.update(GlobalStats(torch.rand(2, 16), torch.rand(2, 8), torch.ones(2)), 1)
+    m = step_metrics(st, s)
+    assert abs(m["longact/kept_fraction_q"] - 5 / 16) < 1e-9
+    assert 0.0 <= m["longact/churn_q_mean"] <= 1.0
+    assert m["longact/stat_top_q/layer_1"] == float(s.q_LC[1].max())
+    a = torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)
+    b = torch.tensor([[0, 1, 1, 0]], dtype=torch.bool)
+    assert jaccard_L(a, b).tolist() == [1 / 3]
+    img = saliency_heatmap(torch.rand(3, 5000), torch.rand(3, 700), max_cols=1024, row_px=4)
+    assert img.dtype == np.uint8 and img.shape == (12, 1024 + 1 + 700, 3)
+
+
+def test_tokens_knob_selects_prompt_or_response():
+    from megatron_longact.longact import LongAct, LongActGroups
+    from types import SimpleNamespace
+
+    tconfig = SimpleNamespace(num_layers=2, num_attention_heads=4, num_query_groups=2, kv_channels=4)
+    q, k = _qk(S=6, B=2)
+    resp_BS = torch.zeros(2, 6, dtype=torch.bool)
+    resp_BS[:, 3:] = True
+    results = {}
+    for tokens in ("all", "prompt", "response"):
+        model = fake_model(1, 2)
+        la = LongAct(LongActConfig(tokens=tokens), [model], tconfig, LongActGroups())
+        la.begin_microbatch(None, resp_BS)
+        run_layers(model, q, k)
+        la.end_step(0)
+        results[tokens] = la.last_stats
+    torch.testing.assert_close(results["prompt"].q_LC, q[:, :3].abs().mean((1, 2)).reshape(2, 16))
+    torch.testing.assert_close(results["response"].q_LC, q[:, 3:].abs().mean((1, 2)).reshape(2, 16))
+    assert results["all"].tokens_L.tolist() == [12.0, 12.0]
+    la = LongAct(LongActConfig(tokens="response"), [fake_model(1, 2)], tconfig, LongActGroups())
+    with pytest.raises(ValueError, match="needs a response mask"):
+        la.begin_microbatch(None, None)

@@ -15,6 +15,7 @@ import importlib
 import inspect
 import logging
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -288,3 +289,104 @@ def disable_cpu_runtime() -> None:
         else:
             setattr(module, attr, original)
     _state.update(enabled=False, mode=None, saved=[])
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer internals
+# --------------------------------------------------------------------------------------------
+#
+# LongAct freezes individual rows of W_Q/W_K inside megatron-core's optimizers. It needs, for each
+# model parameter, the fp32 tensor the torch optimizer actually steps ("main" parameter) and which
+# part of the model parameter that tensor covers. megatron-core 0.16 keeps these in:
+#   DistributedOptimizer:       model_float16_groups[g][i] <-> shard_fp32_from_float16_groups[g][i]
+#                               model_fp32_groups[g][i]    <-> shard_fp32_groups[g][i]
+#                               and _get_model_param_range_map(p)["param"] = the owned flat slice
+#   Float16OptimizerWithFloat16Params: float16_groups <-> fp32_from_float16_groups (whole copies),
+#                               fp32_from_fp32_groups (the model params themselves)
+#   FP32Optimizer:              optimizer.param_groups (the model params themselves)
+# ChainedOptimizer holds the optimizers above in ``chained_optimizers``.
+
+
+@dataclass
+class MainParamRef:
+    """One (model parameter, main parameter) pair of a megatron optimizer.
+
+    ``main_param`` covers elements [flat_start, flat_start + main_param.numel()) of
+    ``model_param.view(-1)`` (the whole parameter except under the distributed optimizer).
+    """
+
+    model_param: torch.nn.Parameter
+    main_param: torch.Tensor
+    flat_start: int
+    torch_optimizer: torch.optim.Optimizer
+    megatron_optimizer: object
+
+
+def inner_optimizers(optimizer) -> list:
+    """The non-chained megatron optimizers inside ``optimizer``."""
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def main_param_refs(optimizer) -> list[MainParamRef]:
+    """Every (model param, main param) pair of a megatron-core optimizer; see the comment above.
+
+    Raises NotImplementedError for optimizer options whose main-parameter layout LongAct does not
+    handle, naming the option.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
+
+    refs: list[MainParamRef] = []
+    for opt in inner_optimizers(optimizer):
+        if getattr(opt, "is_stub_optimizer", False):
+            continue
+        config = opt.config
+        if getattr(config, "use_precision_aware_optimizer", False):
+            raise NotImplementedError(
+                "optimizer.use_precision_aware_optimizer: LongAct's exact freeze restores fp32 main "
+                "params and Adam moments; the precision-aware optimizer keeps them inside "
+                "Transformer Engine's FusedAdam in other dtypes, which is not handled yet"
+            )
+        if getattr(config, "optimizer_cpu_offload", False):
+            raise NotImplementedError("optimizer.optimizer_cpu_offload is not supported by LongAct")
+        if isinstance(opt, DistributedOptimizer):
+            require_attr("megatron.core.optimizer.distrib_optimizer",
+                         "DistributedOptimizer._get_model_param_range_map")
+            pairs = list(zip(opt.model_float16_groups, opt.shard_fp32_from_float16_groups))
+            pairs += list(zip(opt.model_fp32_groups, opt.shard_fp32_groups))
+            for model_group, main_group in pairs:
+                if len(model_group) != len(main_group):
+                    raise RuntimeError("DistributedOptimizer groups are not aligned (megatron-core changed)")
+                for model_param, main_param in zip(model_group, main_group):
+                    _reject_fp8(model_param)
+                    start = opt._get_model_param_range_map(model_param)["param"].start
+                    refs.append(MainParamRef(model_param, main_param, start, opt.optimizer, opt))
+        elif isinstance(opt, Float16OptimizerWithFloat16Params):
+            for model_group, main_group in zip(opt.float16_groups, opt.fp32_from_float16_groups):
+                for model_param, main_param in zip(model_group, main_group):
+                    _reject_fp8(model_param)
+                    refs.append(MainParamRef(model_param, main_param, 0, opt.optimizer, opt))
+            for group in opt.fp32_from_fp32_groups:
+                refs += [MainParamRef(p, p, 0, opt.optimizer, opt) for p in group]
+        elif isinstance(opt, FP32Optimizer):
+            for group in opt.optimizer.param_groups:
+                refs += [MainParamRef(p, p, 0, opt.optimizer, opt) for p in group["params"]]
+        else:
+            raise NotImplementedError(
+                f"LongAct does not know the main-parameter layout of {type(opt).__name__}; "
+                "supported: DistributedOptimizer, Float16OptimizerWithFloat16Params, FP32Optimizer"
+            )
+    return refs
+
+
+def _reject_fp8(param) -> None:
+    try:
+        from megatron.core.fp8_utils import is_float8tensor
+    except ImportError:  # pragma: no cover - older layouts
+        return
+    if is_float8tensor(param):
+        raise NotImplementedError(
+            "FP8 primary weights (fp8_param_gather): the model copy of a frozen row would be "
+            "re-quantized with a new scale each step, so it cannot stay bit-identical; use BF16 "
+            "primary weights with FP8 compute instead"
+        )

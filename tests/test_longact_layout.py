@@ -32,7 +32,7 @@ def _train_with_longact(runtime, steps, point, model_kw=None, recompute="none"):
     per_step = []
 
     def on_step(step, loss, out):
-        la = out["longact"]
+        la = out["longact"].longact
         st = la.last_stats
         masks = {scope: select_channels(st.q_LC, st.k_LC, la.geometry, keep_ratio=0.3, scope=scope,
                                         strategy="topk") for scope in SCOPES}

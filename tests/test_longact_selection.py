@@ -208,3 +208,23 @@ def test_tokens_knob_selects_prompt_or_response():
     la = LongAct(LongActConfig(tokens="response"), [fake_model(1, 2)], tconfig, LongActGroups())
     with pytest.raises(ValueError, match="needs a response mask"):
         la.begin_microbatch(None, None)
+
+
+def test_row_mapping_matches_the_fused_qkv_layout():
+    """q head h dim d -> (h//G)*R + (h%G)*D + d; k of group g -> g*R + G*D + d (MEGATRON_NOTES)."""
+    geo = QKGeometry(num_layers=1, num_heads=4, num_groups=2, head_dim=3)  # G = 2, R = 12
+    assert geo.q_rows().tolist() == [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16, 17]
+    assert geo.k_rows().tolist() == [6, 7, 8, 18, 19, 20]
+    q = torch.zeros(12, dtype=torch.bool)
+    q[[0, 7]] = True  # head 0 dim 0, head 2 dim 1
+    k = torch.zeros(6, dtype=torch.bool)
+    k[5] = True  # group 1 dim 2
+    rows = geo.row_mask(q, k)
+    v_rows = [9, 10, 11, 21, 22, 23]
+    assert torch.nonzero(rows).flatten().tolist() == sorted([0, 13, 20] + v_rows)
+    assert torch.equal(geo.local_row_mask(q, k, 1, 2), rows[12:])
+    both = geo.local_row_mask(torch.stack([q, ~q]), torch.stack([k, ~k]), 0, 2)
+    assert torch.equal(both[0], rows[:12]) and both.shape == (2, 12)
+    # fewer key groups than TP ranks: ranks 0,1 share group 0, rank 0 reports it
+    heads, groups, owner = QKGeometry(1, 4, 1, 3).local_heads(1, 2)
+    assert heads.tolist() == [2, 3] and groups.tolist() == [0] and owner.tolist() == [False]

@@ -113,14 +113,11 @@ class LongAct:
         row mask, True = update). Empty while no mask is active."""
         if not self.state.active:
             return []
-        out = []
-        for model in self.gpt_models:
-            for layer in model.decoder.layers:
-                idx = layer.layer_number - 1
-                rows = self.geometry.local_row_mask(self.state.q_keep_LC[idx], self.state.k_keep_LC[idx],
-                                                    self.groups.tp_rank, self.groups.tp_size)
-                out.append((layer.self_attention.linear_qkv, rows))
-        return out
+        layers = [layer for model in self.gpt_models for layer in model.decoder.layers]
+        idx = torch.tensor([layer.layer_number - 1 for layer in layers], dtype=torch.long)
+        rows_LP = self.geometry.local_row_mask(self.state.q_keep_LC[idx], self.state.k_keep_LC[idx],
+                                               self.groups.tp_rank, self.groups.tp_size)
+        return [(layer.self_attention.linear_qkv, rows_LP[i]) for i, layer in enumerate(layers)]
 
     def remove(self) -> None:
         if self.collector is not None:

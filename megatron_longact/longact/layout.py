@@ -14,6 +14,7 @@ Cq = H*D query channels, Ck = G*D key channels, R rows of linear_qkv (global), P
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -46,6 +47,16 @@ class QKGeometry:
         return cls(tconfig.num_layers, tconfig.num_attention_heads,
                    tconfig.num_query_groups or tconfig.num_attention_heads, tconfig.kv_channels)
 
+    @cached_property
+    def q_row_index(self) -> torch.Tensor:
+        """[Cq] global row of each global query channel (cached)."""
+        return self.q_rows()
+
+    @cached_property
+    def k_row_index(self) -> torch.Tensor:
+        """[Ck] global row of each global key channel (cached)."""
+        return self.k_rows()
+
     def q_rows(self) -> torch.Tensor:
         """[Cq] global row of each global query channel."""
         D, Gq = self.head_dim, self.heads_per_group
@@ -64,17 +75,18 @@ class QKGeometry:
 
     def row_mask(self, q_keep_C: torch.Tensor, k_keep_C: torch.Tensor) -> torch.Tensor:
         """[R] bool global-row mask of one layer: True = the row is updated. V rows are always
-        updated; q/k rows follow the channel masks."""
-        rows = torch.ones(self.qkv_rows, dtype=torch.bool)
-        rows[self.q_rows()] = q_keep_C.to(torch.bool).cpu()
-        rows[self.k_rows()] = k_keep_C.to(torch.bool).cpu()
+        updated; q/k rows follow the channel masks. Also accepts [L, C] masks -> [L, R]."""
+        lead = q_keep_C.shape[:-1]
+        rows = torch.ones(*lead, self.qkv_rows, dtype=torch.bool)
+        rows[..., self.q_row_index] = q_keep_C.to(torch.bool).cpu()
+        rows[..., self.k_row_index] = k_keep_C.to(torch.bool).cpu()
         return rows
 
     def local_row_mask(self, q_keep_C, k_keep_C, tp_rank: int, tp_size: int) -> torch.Tensor:
-        """[P] bool TP-local row mask of ``linear_qkv`` on ``tp_rank``."""
+        """[P] (or [L, P]) bool TP-local row mask of ``linear_qkv`` on ``tp_rank``."""
         rows = self.row_mask(q_keep_C, k_keep_C)
         per_rank = self.qkv_rows // tp_size
-        return rows[tp_rank * per_rank:(tp_rank + 1) * per_rank]
+        return rows[..., tp_rank * per_rank:(tp_rank + 1) * per_rank]
 
     def local_heads(self, tp_rank: int, tp_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Which global query heads and key groups this TP rank's attention computes, and whether

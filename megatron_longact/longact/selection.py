@@ -20,6 +20,20 @@ def keep_count(n: int, keep_ratio: float) -> int:
     return max(1, min(n, int(math.floor(keep_ratio * n + 0.5))))
 
 
+def _keep_highest(x_NC: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, C] bool: the k highest entries of each row, ties resolved toward the lower index.
+
+    Selection (kthvalue) instead of a full sort: the k-th largest value is the threshold, every
+    entry above it is kept, and of the entries equal to it the lowest-indexed fill the rest.
+    """
+    C = x_NC.shape[1]
+    thr = torch.kthvalue(x_NC, C - k + 1, dim=1, keepdim=True).values
+    above = x_NC > thr
+    tie = x_NC == thr
+    need = k - above.sum(dim=1, keepdim=True)
+    return above | (tie & (torch.cumsum(tie, dim=1) <= need))
+
+
 def select_rows(scores_NC: torch.Tensor, k: int, strategy: str, *, seed: int = 0) -> torch.Tensor:
     """[N, C] bool: keep ``k`` channels in each row of ``scores_NC`` by ``strategy``.
 
@@ -31,17 +45,12 @@ def select_rows(scores_NC: torch.Tensor, k: int, strategy: str, *, seed: int = 0
         return torch.ones(N, C, dtype=torch.bool)
     if strategy == "random":
         gen = torch.Generator().manual_seed(seed)
-        keys = torch.rand(N, C, generator=gen)
-        order = torch.sort(keys, dim=1, stable=True).indices
-    elif strategy == "topk":
-        order = torch.sort(scores_NC, dim=1, descending=True, stable=True).indices
-    elif strategy == "bottomk":
-        order = torch.sort(scores_NC, dim=1, stable=True).indices
-    else:
-        raise ValueError(f"longact.strategy: got {strategy!r}, expected one of topk, bottomk, random, none")
-    mask = torch.zeros(N, C, dtype=torch.bool)
-    mask.scatter_(1, order[:, :k], True)
-    return mask
+        return _keep_highest(torch.rand(N, C, generator=gen), k)
+    if strategy == "topk":
+        return _keep_highest(scores_NC, k)
+    if strategy == "bottomk":
+        return _keep_highest(-scores_NC, k)
+    raise ValueError(f"longact.strategy: got {strategy!r}, expected one of topk, bottomk, random, none")
 
 
 def select_channels(q_LC: torch.Tensor, k_LC: torch.Tensor, geometry: QKGeometry, *,

@@ -13,11 +13,12 @@ Tensors seen by the hooks: ``q_SBHD`` [seq, batch, local query heads, head dim] 
 [seq, batch, local key groups, head dim]. Accumulators are fp32, detached, indexed by
 (stage-local layer, global channel) so that the cross-rank reduction is a plain sum.
 
-Activation recomputation re-runs forwards during backward. Each micro-batch gets an id when the
-training step announces it (:meth:`StatsCollector.begin_microbatch`); a hook that fires a second
-time for the same (layer, id) is a recomputation and is ignored. Under pipeline schedules the
-recomputation of micro-batch j happens after a later micro-batch's forward has already passed
-every layer of the stage, so the same rule holds.
+Activation recomputation re-runs layer forwards during backward. Each micro-batch gets an id when
+the model chunk's forward starts (a forward pre-hook on the GPTModel; recomputation re-runs layers,
+never the model's own forward); a hook that fires a second time for the same (layer, id) is a
+recomputation and is ignored. Under pipeline schedules the recomputation of micro-batch j happens
+after a later micro-batch's forward has already passed every layer of the stage, so the same rule
+holds. :meth:`StatsCollector.begin_microbatch` attaches a token mask to the next forward.
 """
 
 from __future__ import annotations
@@ -70,8 +71,11 @@ class StatsCollector:
         self._device = None
         self._mb_id = 0
         self._token_mask_SB: torch.Tensor | None = None
+        self._announced = False
         self._seen: dict[tuple[int, str], int] = {}
         for model in gpt_models:
+            if isinstance(model, torch.nn.Module):
+                self._handles.append(model.register_forward_pre_hook(self._on_model_forward))
             for layer in model.decoder.layers:
                 self._attach(layer)
         self.reset()
@@ -131,9 +135,18 @@ class StatsCollector:
     def begin_microbatch(self, token_mask_SB: torch.Tensor | None = None) -> None:
         """Announce the next micro-batch; ``token_mask_SB`` [seq, batch] selects counted tokens
         (None counts all). Pass the mask in the same sequence layout the model sees (this CP
-        rank's chunk under context parallelism)."""
+        rank's chunk under context parallelism). Without an announcement every model forward
+        counts as a new micro-batch with all tokens."""
         self._mb_id += 1
+        self._announced = True
         self._token_mask_SB = None if token_mask_SB is None else token_mask_SB.detach()
+
+    def _on_model_forward(self, module, args) -> None:
+        if self._announced:
+            self._announced = False  # this forward is the announced micro-batch
+        else:
+            self._mb_id += 1
+            self._token_mask_SB = None
 
     def _observe(self, slot: int, which: str, x_SBND: torch.Tensor) -> None:
         if not self.enabled:

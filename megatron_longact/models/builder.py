@@ -134,7 +134,8 @@ def wrap_for_training(model, tconfig, *, use_distributed_optimizer: bool = True,
         model = Float16Module(tconfig, model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
-        overlap_grad_reduce=False,
+        # megatron only splits the gradient buffer into buckets when it overlaps their reduction.
+        overlap_grad_reduce=bucket_size is not None,
         use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False,
         bucket_size=bucket_size,

@@ -33,6 +33,10 @@ class TrainConfig:
     adam_eps: float = 1e-8
     use_distributed_optimizer: bool = True
     """megatron-core's DistributedOptimizer (optimizer state sharded over data-parallel ranks)."""
+    ddp_bucket_size: int | None = None
+    """Elements per gradient-reduction bucket of megatron's DDP; setting it also turns on
+    overlap_grad_reduce (megatron buckets only then). None: one bucket, reduced after backward.
+    Each bucket is sharded over data-parallel ranks separately."""
     log_interval: int = 1
 
     def __post_init__(self):
@@ -45,6 +49,7 @@ class TrainConfig:
         check_range("train.adam_beta1", self.adam_beta1, 0.0, 1.0, high_open=True)
         check_range("train.adam_beta2", self.adam_beta2, 0.0, 1.0, high_open=True)
         check_positive("train.adam_eps", self.adam_eps)
+        check_positive("train.ddp_bucket_size", self.ddp_bucket_size)
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size: {self.global_batch_size} is not a multiple of "

@@ -74,7 +74,8 @@ def setup_engine(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel: Paral
 
     gpt, tconfig = build_model(model_cfg, parallel)
     reference_initialize(gpt, model_cfg, train_cfg.seed)
-    ddp = wrap_for_training(gpt, tconfig, use_distributed_optimizer=train_cfg.use_distributed_optimizer)
+    ddp = wrap_for_training(gpt, tconfig, use_distributed_optimizer=train_cfg.use_distributed_optimizer,
+                            bucket_size=train_cfg.ddp_bucket_size)
     chunks = [ddp]
     optimizer = get_megatron_optimizer(optimizer_config(train_cfg, model_cfg), chunks)
     # megatron's schedule calls these hooks; the training loop of Megatron-LM sets them the same way.
@@ -98,16 +99,12 @@ def setup_engine(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel: Paral
 
 
 def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, num_microbatches: int,
-               seq_length: int, micro_batch_size: int,
-               before_update: Callable[[], dict] | None = None) -> dict:
+               seq_length: int, micro_batch_size: int) -> dict:
     """One optimizer step: forward/backward over the micro-batches through megatron's schedule
     (with pipelining when PP > 1), gradient reduction, clipping and the optimizer update.
 
-    ``before_update`` runs between the backward passes and the optimizer update (LongAct turns the
-    step's statistics into the mask there); its dict is returned under ``"extra"``.
-
     Returns ``{"losses": [per-micro-batch loss dicts (last stage only)], "grad_norm", "lr",
-    "update_successful", "extra"}``.
+    "update_successful"}``.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -123,7 +120,6 @@ def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, 
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    extra = before_update() if before_update is not None else {}
     update_successful, grad_norm, _ = engine.optimizer.step()
     engine.scheduler.step(increment=1)
     return {
@@ -131,7 +127,6 @@ def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, 
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "lr": engine.optimizer.param_groups[0]["lr"],
         "update_successful": bool(update_successful),
-        "extra": extra,
     }
 
 

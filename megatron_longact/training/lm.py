@@ -40,7 +40,7 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def _forward_step(longact, data_iterator, model):
     tokens, labels = next(data_iterator)
     if longact is not None:
-        longact.begin_microbatch()
+        longact.begin_microbatch()  # every token counts (no padding in synthetic LM data)
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     output = model(tokens, position_ids, None, labels=labels)
     return output, partial(_loss_func, torch.ones_like(labels, dtype=torch.float32))
@@ -58,25 +58,25 @@ def micro_batches_for_step(step: int, engine: Engine, device) -> list:
 
 def train_lm(model_cfg, train_cfg, parallel, device, on_step=None, longact_cfg=None) -> list[float]:
     """Train ``train_cfg.steps`` steps of LM loss; return the global mean loss of each step (the
-    same list on every rank). With ``longact_cfg``, LongAct statistics and masks are computed on
-    every step; ``on_step(step, loss, out)`` then finds its metrics in ``out["extra"]`` and the
-    controller in ``out["longact"]``."""
+    same list on every rank). With ``longact_cfg``, LongAct is installed on the optimizer;
+    ``on_step(step, loss, out)`` finds the handle in ``out["longact"]`` (its ``metrics`` and
+    ``longact`` controller) and the engine in ``out["engine"]``."""
     from megatron.core import parallel_state as ps
 
-    from megatron_longact.longact import LongAct, megatron_groups
+    from megatron_longact.longact.optimizer import install
 
     engine = setup_engine(model_cfg, train_cfg, parallel)
-    longact = None
+    handle = None
     if longact_cfg is not None and longact_cfg.enabled:
-        longact = LongAct(longact_cfg, engine.model, engine.tconfig, megatron_groups())
+        handle = install(engine.model, engine.optimizer, longact_cfg)
     num_mb = train_cfg.num_microbatches(ps.get_data_parallel_world_size())
     history = []
     for step in range(train_cfg.steps):
         mbs = micro_batches_for_step(step, engine, device)
-        out = train_step(engine, partial(_forward_step, longact), iter(mbs), num_mb,
-                         train_cfg.seq_length, train_cfg.micro_batch_size,
-                         before_update=(lambda s=step: longact.end_step(s)) if longact else None)
-        out["longact"] = longact
+        out = train_step(engine, partial(_forward_step, handle), iter(mbs), num_mb,
+                         train_cfg.seq_length, train_cfg.micro_batch_size)
+        out["longact"] = handle
+        out["engine"] = engine
         loss = reduce_last_stage_mean([float(d["lm_loss"]) for d in out["losses"]])
         history.append(loss)
         if on_step is not None:

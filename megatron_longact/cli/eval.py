@@ -1,0 +1,321 @@
+"""``longact-eval --config <run.yaml> (--checkpoint DIR | --init random) [options] [key=value ...]``:
+evaluate a model on RULER or LongBench v2 with greedy batched generation.
+
+The run config gives the model and the parallel layout (as for ``longact-train``); the evaluation
+settings form :class:`EvalConfig`. They are filled, in increasing precedence, from an optional
+``eval:`` section of the YAML, the command-line flags, and dotted overrides starting with ``eval.``
+(e.g. ``eval.prompt.chat=none``); every other override goes to the run config. Data-parallel ranks
+split the records; tensor- and pipeline-parallel ranks generate together (``generation.generate``).
+Rank 0 writes ``results.md`` and ``results.json`` (``tasks.suite.write_report``) and, with
+``--tb-dir``, TensorBoard scalars.
+
+Everything that can fail on user input (config, layout, tokenizer, data files, record lengths, the
+weights source) is checked before any process group is created or any model is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from megatron_longact.config import ConfigError, check_choice, check_positive, deep_merge, from_dict, \
+    load_yaml, parse_overrides, to_dict
+from megatron_longact.data.tokenizer import PromptConfig, TokenizerConfig
+from megatron_longact.run_config import RunConfig, load_run_config
+from megatron_longact.runtime import initialize, read_dist_env
+from megatron_longact.tasks.suite import SuiteConfig
+
+CHECKPOINT_MODULE = "megatron_longact.convert.checkpoint"
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how (the model and layout come from the run config)."""
+
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
+    """Benchmark: ``ruler`` (generated at ``suite.ruler.lengths``) or ``longbench-v2``."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """Prompt rendering; use the values the model was trained with."""
+    init: Literal["checkpoint", "random"] = "checkpoint"
+    """Weights: ``checkpoint`` loads ``checkpoint``; ``random`` uses the layout-independent reference
+    initialization (smoke tests of the pipeline, scores are meaningless)."""
+    checkpoint: str | None = None
+    """Megatron distributed checkpoint folder."""
+    seed: int | None = None
+    """Seed of the random initialization; None uses train.seed."""
+    batch_size: int = 8
+    """Prompts per generation call on each data-parallel rank."""
+    max_new_tokens: int | None = None
+    """Upper bound on each record's generation budget; None keeps the record's own."""
+    kv_cache: bool = True
+    """Generate with megatron's static KV cache; false recomputes the full forward per token."""
+    out_dir: str | None = None
+    """Where results.md / results.json go; None: ``<output.dir>/eval``."""
+    tb_dir: str | None = None
+    """TensorBoard log folder for the scores; None writes none."""
+
+    def __post_init__(self) -> None:
+        check_choice("eval.init", self.init, ("checkpoint", "random"))
+        if self.init == "checkpoint" and not self.checkpoint:
+            raise ConfigError("eval.checkpoint: required (--checkpoint DIR), or use --init random "
+                              "for a run with random weights")
+        if self.init == "random" and self.checkpoint:
+            raise ConfigError("eval.init: 'random' and a checkpoint were both given; choose one")
+        check_positive("eval.batch_size", self.batch_size)
+        check_positive("eval.max_new_tokens", self.max_new_tokens)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="longact-eval", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="run config YAML (model and parallel layout)")
+    p.add_argument("--checkpoint", help="megatron distributed checkpoint folder to evaluate")
+    p.add_argument("--init", choices=("checkpoint", "random"),
+                   help="'random': reference-initialized weights instead of a checkpoint")
+    p.add_argument("--suite", choices=("ruler", "longbench-v2"), help="benchmark (default ruler)")
+    p.add_argument("--lengths", help="RULER target lengths in tokens, comma-separated, e.g. 256,512")
+    p.add_argument("--tasks", help="RULER tasks, comma-separated (default: the 11 synthetic tasks)")
+    p.add_argument("--num-samples", type=int, help="RULER samples per task and length")
+    p.add_argument("--template", choices=("full", "compact"), help="RULER prompt wording")
+    p.add_argument("--data", help="LongBench v2 data.json (or .jsonl)")
+    p.add_argument("--batch-size", type=int, help="prompts per generation call per data-parallel rank")
+    p.add_argument("--max-new-tokens", type=int, help="cap on each record's generation budget")
+    p.add_argument("--out", help="output folder for results.md and results.json")
+    p.add_argument("--tb-dir", help="TensorBoard folder for the scores")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted overrides: eval.<field>=... for EvalConfig, anything else for the run config")
+    return p.parse_args(argv)
+
+
+def _int_list(name: str, text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{name}: got {text!r}, expected comma-separated integers such as 256,512") from None
+    if not values:
+        raise ConfigError(f"{name}: empty; give at least one value")
+    return values
+
+
+def _flags_to_eval_dict(args) -> dict:
+    out: dict = {}
+    suite: dict = {}
+    ruler: dict = {}
+    if args.suite:
+        suite["name"] = args.suite
+    if args.lengths:
+        ruler["lengths"] = _int_list("--lengths", args.lengths)
+    if args.tasks:
+        ruler["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.num_samples is not None:
+        ruler["num_samples"] = args.num_samples
+    if args.template:
+        ruler["template"] = args.template
+    if ruler:
+        suite["ruler"] = ruler
+    if args.data:
+        suite["longbench_v2"] = {"path": args.data}
+    if suite:
+        out["suite"] = suite
+    if args.checkpoint:
+        out["checkpoint"] = args.checkpoint
+    if args.init:
+        out["init"] = args.init
+    for key, value in (("batch_size", args.batch_size), ("max_new_tokens", args.max_new_tokens),
+                       ("out_dir", args.out), ("tb_dir", args.tb_dir)):
+        if value is not None:
+            out[key] = value
+    return out
+
+
+@dataclass
+class Plan:
+    """Everything checked before start-up."""
+
+    cfg: RunConfig
+    ecfg: EvalConfig
+    parallel: object
+    tokenizer: object
+    records: list
+    out_dir: Path
+    load_checkpoint: object | None
+
+
+def _checkpoint_loader(path: str):
+    """The function that loads a distributed checkpoint into a built model.
+
+    TODO: megatron_longact.convert.checkpoint (distributed checkpoint save/load) is developed
+    separately; until it exists, evaluation from a checkpoint cannot run and says so up front.
+    """
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"--checkpoint {path}: not a directory; expected a megatron distributed "
+                                "checkpoint folder")
+    if importlib.util.find_spec(CHECKPOINT_MODULE) is None:
+        raise NotImplementedError(
+            f"--checkpoint: loading megatron distributed checkpoints needs {CHECKPOINT_MODULE}, which is "
+            "not available in this installation yet; use --init random to smoke-test the evaluation"
+        )
+    module = importlib.import_module(CHECKPOINT_MODULE)
+    load = getattr(module, "load_model_checkpoint", None) or getattr(module, "load_checkpoint", None)
+    if load is None:
+        raise NotImplementedError(
+            f"--checkpoint: {CHECKPOINT_MODULE} has no load_model_checkpoint/load_checkpoint function "
+            "that longact-eval knows how to call"
+        )
+    return load
+
+
+def prepare(argv=None) -> Plan:
+    """Parse, validate and build the records (deterministic, identical on every rank); no process
+    group and no model yet."""
+    from megatron_longact.data.tokenizer import encode_prompt_text, load_tokenizer, render_prompt
+    from megatron_longact.tasks.suite import build_suite
+
+    args = parse_args(argv)
+    run_overrides = [o for o in args.overrides if not o.startswith("eval.")]
+    eval_overrides = [o[len("eval."):] for o in args.overrides if o.startswith("eval.")]
+    raw = load_yaml(args.config)
+    eval_raw = raw.pop("eval", None) or {}
+    if not isinstance(eval_raw, dict):
+        raise ConfigError(f"eval: expected a mapping in {args.config}")
+    cfg = load_run_config(None, run_overrides, data=raw)
+    eval_raw = deep_merge(deep_merge(eval_raw, _flags_to_eval_dict(args)), parse_overrides(eval_overrides))
+    ecfg = from_dict(EvalConfig, eval_raw, "eval")
+
+    env = read_dist_env()
+    parallel = cfg.parallel.resolve(env.world_size)
+    cfg.model.check_layout(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                           parallel.context_parallel_size)
+    if parallel.context_parallel_size > 1:
+        raise ConfigError("parallel.context_parallel_size: generation supports 1 only")
+    load = _checkpoint_loader(ecfg.checkpoint) if ecfg.init == "checkpoint" else None
+
+    tokenizer = load_tokenizer(ecfg.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"eval.tokenizer: vocabulary of {tokenizer.vocab_size} tokens is larger than "
+                          f"model.vocab_size={cfg.model.vocab_size}")
+    records = build_suite(ecfg.suite, tokenizer, ecfg.prompt)
+    if not records:
+        raise ConfigError(f"eval.suite: {ecfg.suite.name} produced no records")
+    limit = cfg.model.max_position_embeddings
+    for record in records:
+        budget = int(record["max_new_tokens"])
+        if ecfg.max_new_tokens:
+            budget = min(budget, ecfg.max_new_tokens)
+        n = len(encode_prompt_text(render_prompt(record, tokenizer, ecfg.prompt), tokenizer, ecfg.prompt))
+        if n + budget > limit:
+            raise ConfigError(f"record {record['id']}: {n} prompt tokens + {budget} new tokens exceed "
+                              f"model.max_position_embeddings={limit}; evaluate shorter lengths")
+    out_dir = Path(ecfg.out_dir) if ecfg.out_dir else Path(cfg.output.dir) / "eval"
+    return Plan(cfg, ecfg, parallel, tokenizer, records, out_dir, load)
+
+
+def run(plan: Plan, runtime) -> dict | None:
+    """Build the model, generate for this data-parallel rank's records, gather and (rank 0) write
+    the report. Returns the paths written on rank 0, None elsewhere."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_longact.data.tokenizer import encode_prompt_text
+    from megatron_longact.generation import ModelParallelGroups, SamplingConfig, generate
+    from megatron_longact.models.builder import build_model
+    from megatron_longact.tasks.suite import EvalResults, evaluate, summarize, write_report
+    from megatron_longact.training.engine import reference_initialize
+
+    cfg, ecfg, tokenizer = plan.cfg, plan.ecfg, plan.tokenizer
+    rank0 = runtime.rank == 0
+    model, tconfig = build_model(cfg.model, runtime.parallel)
+    if plan.load_checkpoint is None:
+        reference_initialize(model, cfg.model, ecfg.seed if ecfg.seed is not None else cfg.train.seed)
+    else:
+        plan.load_checkpoint(model, ecfg.checkpoint)
+    if tconfig.bf16 or tconfig.fp16:
+        # As in training (models.builder.wrap_for_training): Float16Module casts every weight,
+        # norms included, to the half dtype, so evaluation runs the numerics the model trained with.
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(tconfig, model)
+    groups = ModelParallelGroups.from_parallel_state()
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    n = len(plan.records)
+    local = plan.records[dp_rank * n // dp:(dp_rank + 1) * n // dp]
+
+    def generate_fn(texts, max_new_tokens):
+        budget = min(max_new_tokens, ecfg.max_new_tokens) if ecfg.max_new_tokens else max_new_tokens
+        prompts = [encode_prompt_text(t, tokenizer, ecfg.prompt) for t in texts]
+        out = generate(model, prompts, SamplingConfig(temperature=0.0, max_new_tokens=budget),
+                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size,
+                       groups=groups, kv_cache=ecfg.kv_cache)
+        return [tokenizer.decode(out.response_ids(i)) for i in range(len(texts))]
+
+    start = time.monotonic()
+
+    def progress(done, total):
+        if rank0:
+            print(f"eval: {done}/{total} records on data-parallel rank 0 "
+                  f"({time.monotonic() - start:.1f}s)", flush=True)
+
+    results = evaluate(local, generate_fn, tokenizer=tokenizer, prompt=ecfg.prompt,
+                       batch_size=ecfg.batch_size, pass_max_new_tokens=True, progress=progress)
+    samples = results.samples
+    if dp > 1:
+        parts = [None] * dp
+        dist.all_gather_object(parts, samples, group=ps.get_data_parallel_group())
+        samples = [s for part in parts for s in part]
+    if not rank0:
+        return None
+    results = EvalResults(samples=samples, summary=summarize(samples))
+    extra = {
+        "init": ecfg.init,
+        "checkpoint": ecfg.checkpoint,
+        "layout": {"tp": runtime.parallel.tensor_model_parallel_size,
+                   "pp": runtime.parallel.pipeline_model_parallel_size,
+                   "dp": runtime.parallel.data_parallel_size},
+        "model": to_dict(cfg.model),
+        "eval": to_dict(ecfg),
+        "seconds": round(time.monotonic() - start, 2),
+    }
+    title = f"Evaluation: {ecfg.suite.name} ({ecfg.checkpoint or 'random init'})"
+    return write_report(results, plan.out_dir, log_dir=ecfg.tb_dir, title=title, extra=extra)
+
+
+def main(argv=None) -> int:
+    try:
+        plan = prepare(argv)
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as exc:
+        # ConfigError, RecordError and TargetTooSmall are ValueErrors with a message naming the input.
+        print(f"longact-eval: {exc}", file=sys.stderr)
+        return 2
+    runtime = initialize(plan.parallel, seed=plan.cfg.train.seed)
+    if runtime.rank == 0:
+        p = runtime.parallel
+        print(f"longact-eval: suite={plan.ecfg.suite.name} records={len(plan.records)} "
+              f"weights={plan.ecfg.checkpoint or 'random init'} layout tp={p.tensor_model_parallel_size} "
+              f"pp={p.pipeline_model_parallel_size} dp={p.data_parallel_size} device={runtime.device}",
+              flush=True)
+    try:
+        paths = run(plan, runtime)
+    finally:
+        from megatron_longact.runtime import destroy
+
+        destroy()
+    if paths is not None:
+        import json
+
+        summary = json.loads(paths["json"].read_text())["summary"]
+        for suite, s in summary.items():
+            print(f"{suite}: overall {s.get('overall')}", flush=True)
+        print(f"wrote {paths['markdown']} and {paths['json']}"
+              + (f"; TensorBoard scalars in {paths['tensorboard']}" if "tensorboard" in paths else ""),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,542 @@
+"""Batched autoregressive generation and teacher-forced log-probs for megatron-core GPTModels.
+
+Works under any (TP, PP, DP) layout. Every forward pass goes through megatron's own
+``get_forward_backward_func()`` schedule with ``forward_only=True`` (one micro-batch holding the
+whole batch), so pipeline stages exchange activations exactly as in training. Data-parallel ranks
+generate for their own prompts and never talk to each other here.
+
+How it generates
+----------------
+KV cache (default, ``kv_cache=True``): megatron-core's ``StaticInferenceContext`` is passed to
+``GPTModel.forward(inference_context=...)``; attention keeps keys and values per layer. The loop is
+the one of megatron's static text-generation controller: prompts are right-padded and start at
+position 0; the first forward runs over the shortest prompt (causal prefill), then every step feeds
+one column for all rows. A row whose prompt is longer than the current column is teacher-forced with
+its own prompt token; a row past its prompt samples. Each row's tokens therefore sit at positions
+0..n-1 with no padding before them, which is what megatron's RoPE assumes: GPTModel ignores
+``position_ids`` for RoPE (positions are implicit 0..S-1, offset by the cache), so left-padding
+would shift every position and cannot be used with it.
+
+Full recompute (``kv_cache=False``): every step runs the whole (right-padded) batch again, padded
+to a multiple of ``bucket`` columns so the schedule sees few distinct ``seq_length`` values, and
+reads each row's logits at its own last position. Causal attention means the padding after a row
+never reaches its logits. Cost is O(S^2) per token instead of O(S); it is kept as a fallback (and
+as a cross-check: both paths give the same tokens) for models or kernels the cache does not cover.
+
+Why not megatron's inference engine. ``StaticInferenceEngine`` in 0.16.1 builds a
+``DynamicInferenceEngine`` (paged KV cache, CUDA graphs, unified memory) and falls back to the
+legacy static controller. On the CPU runtime layer the legacy controller needed a CUDA
+``torch.Generator`` in its constructor (``text_generation_controller.py:75``), and with that worked
+around it generated under TP=1 and TP=2 but failed under PP=2 on ``assert tensor.is_cuda``
+(``inference/communication_utils.py:31``). It also samples with one generator for the batch, computes
+the returned log-probs from logits in the parameter dtype, and owns the stopping rules. So the loop
+here is ours and the cache is megatron's: the same ``StaticInferenceContext`` and attention code the
+controller uses, driven through the training schedule.
+
+Sampling and log-probs
+----------------------
+On the last pipeline stage the vocab-parallel logits of the rows' last positions are all-gathered
+over the tensor-parallel group, cast to fp32, and cut to the tokenizer's vocabulary (ids >=
+``vocab_size`` are the embedding's padding and can never be sampled). Temperature 0 is greedy
+(argmax, lowest id on ties). Otherwise logits are divided by the temperature, then top-k and top-p
+filter them, and the token is drawn by inverting the CDF with one uniform number per row and step.
+Each row owns a ``torch.Generator`` seeded from ``(seed, sample_id)``, so a row's samples do not
+depend on the batch it sits in or on the layout.
+
+``log_probs`` are log-softmax of the fp32, temperature-scaled logits *before* top-k/top-p
+filtering, at the sampled token (temperature 0 counts as 1). That is the distribution the RL loss
+recomputes with :func:`sequence_log_probs` / :func:`vocab_parallel_log_probs` at the same
+temperature; truncation by top-k/top-p is not reflected (as in verl and OpenRLHF).
+
+The chosen tokens and their log-probs are broadcast from tensor-parallel rank 0 of the last stage
+over the tensor-parallel group, then from the last stage over the pipeline group, so every rank of a
+model-parallel group holds identical results and runs the same number of steps.
+
+Index spaces: ``tokens_BW`` rows are right-padded sequences (prompt, response, padding); logits
+``*_BV`` are over the tokenizer vocabulary, ``*_BVl`` over this TP rank's slice of the padded
+vocabulary. Suffixes: B batch, S sequence, W buffer width, N new tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_longact.config import ConfigError, check_positive, check_range
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration and results
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each new token."""
+
+    temperature: float = 0.0
+    """0 is greedy decoding; > 0 samples from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)."""
+    top_k: int = 0
+    """Keep the top_k most likely tokens (0 = off)."""
+    max_new_tokens: int = 128
+    """Response budget per row; a row that reaches it without EOS is marked truncated."""
+    seed: int = 1234
+    """Seed of the per-row generators (with each row's sample id)."""
+
+    def __post_init__(self) -> None:
+        check_positive("sampling.temperature", self.temperature, allow_zero=True)
+        check_range("sampling.top_p", self.top_p, 0.0, 1.0, low_open=True)
+        check_positive("sampling.top_k", self.top_k, allow_zero=True)
+        check_positive("sampling.max_new_tokens", self.max_new_tokens)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"sampling.seed: got {self.seed!r}, expected an integer >= 0")
+
+
+@dataclass
+class GenerationOutput:
+    """Results of :func:`generate`, identical on every rank of a model-parallel group.
+
+    ``tokens`` [B, W] holds row i's prompt in ``[:prompt_lengths[i]]``, its response right after
+    it, and ``pad_id`` elsewhere (W = longest prompt + max_new_tokens). ``responses`` [B, N] and
+    ``log_probs`` [B, N] (fp32) are the response ids and their log-probs, padded with ``pad_id``
+    and 0 after ``response_lengths[i]`` (which counts the EOS token when one was produced).
+    ``truncated[i]`` is True when row i used its whole budget without producing EOS.
+    """
+
+    tokens: torch.Tensor
+    prompt_lengths: torch.Tensor
+    responses: torch.Tensor
+    response_lengths: torch.Tensor
+    log_probs: torch.Tensor
+    truncated: torch.Tensor
+
+    def response_ids(self, i: int) -> list[int]:
+        return self.responses[i, : int(self.response_lengths[i])].tolist()
+
+    def response_mask(self) -> torch.Tensor:
+        """[B, W] bool: True on the response tokens of ``tokens`` (EOS included)."""
+        col = torch.arange(self.tokens.shape[1]).unsqueeze(0)
+        start = self.prompt_lengths.unsqueeze(1)
+        return (col >= start) & (col < start + self.response_lengths.unsqueeze(1))
+
+
+@dataclass(frozen=True)
+class ModelParallelGroups:
+    """The groups generation talks to: tensor-parallel (logit gather, token broadcast) and
+    pipeline (token broadcast from the last stage). ``dp_rank`` only feeds default sample ids."""
+
+    tp: object
+    pp: object
+    dp_rank: int = 0
+
+    @classmethod
+    def from_parallel_state(cls) -> "ModelParallelGroups":
+        from megatron.core import parallel_state as ps
+
+        return cls(tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
+                   dp_rank=ps.get_data_parallel_rank())
+
+    @property
+    def tp_size(self) -> int:
+        return dist.get_world_size(self.tp)
+
+    @property
+    def tp_rank(self) -> int:
+        return dist.get_rank(self.tp)
+
+    @property
+    def pp_size(self) -> int:
+        return dist.get_world_size(self.pp)
+
+    @property
+    def is_last_stage(self) -> bool:
+        return dist.get_rank(self.pp) == self.pp_size - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure pieces: sampling from full logits, log-probs from vocab-parallel logits
+
+
+def _filter_top_k_top_p(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set the logits of tokens outside top-k / the top-p nucleus to -inf (the most likely token
+    always survives)."""
+    if top_k and top_k < logits_BV.shape[-1]:
+        kth = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits_BV, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked before it already reach top_p.
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits_BV = logits_BV.masked_fill(drop, float("-inf"))
+    return logits_BV
+
+
+def sample_tokens(logits_BV: torch.Tensor, sampling: SamplingConfig,
+                  uniforms_B: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row from full-vocabulary logits (already cut to the tokenizer's
+    vocabulary). ``uniforms_B`` (float64 in [0, 1)) drive the draw; unused when greedy.
+
+    Returns ``(tokens_B, log_probs_B)``: log-probs are of the temperature-scaled, unfiltered
+    distribution, in fp32 (see the module docstring)."""
+    logits_BV = logits_BV.float()
+    if sampling.temperature == 0:
+        tokens_B = logits_BV.argmax(dim=-1)
+        logp_BV = torch.log_softmax(logits_BV, dim=-1)
+        return tokens_B, logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+    scaled_BV = logits_BV / sampling.temperature
+    logp_BV = torch.log_softmax(scaled_BV, dim=-1)
+    probs_BV = torch.softmax(_filter_top_k_top_p(scaled_BV, sampling.top_k, sampling.top_p), dim=-1)
+    # Inverse CDF in float64: the first token whose cumulative probability exceeds u * total.
+    cdf_BV = probs_BV.double().cumsum(-1)
+    target = uniforms_B.double().unsqueeze(-1) * cdf_BV[:, -1:]
+    tokens_B = torch.searchsorted(cdf_BV, target, right=True).squeeze(-1)
+    tokens_B = tokens_B.clamp(max=logits_BV.shape[-1] - 1)
+    # Rounding can land past the last token with mass; fall back to the most likely token there.
+    bad = probs_BV.gather(-1, tokens_B[:, None]).squeeze(-1) <= 0
+    if bad.any():
+        tokens_B = torch.where(bad, probs_BV.argmax(-1), tokens_B)
+    return tokens_B, logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+
+
+def vocab_parallel_log_probs(logits_BSVl: torch.Tensor, targets_BS: torch.Tensor, *, vocab_size: int,
+                             temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) in fp32 from vocab-parallel logits, without gathering the vocabulary.
+
+    ``logits_BSVl`` is this tensor-parallel rank's contiguous slice of the padded vocabulary (what
+    GPTModel returns with ``parallel_output=True``), any leading shape; ``targets_BS`` holds global
+    token ids. Ids >= ``vocab_size`` (embedding padding) are excluded from the normalizer.
+    Differentiable: the RL loss calls this inside its forward step's loss function, where it works
+    under any pipeline layout. Uses megatron's ``vocab_parallel_cross_entropy``, which reduces over
+    megatron's global tensor-parallel group (it takes no group argument).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    check_positive("temperature", temperature)
+    local_v = logits_BSVl.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * local_v
+    # A fresh fp32 tensor: vocab_parallel_cross_entropy works in place on its input.
+    x = logits_BSVl.float() / temperature if temperature != 1.0 else logits_BSVl.float().clone()
+    if start + local_v > vocab_size:
+        ids = torch.arange(start, start + local_v, device=x.device)
+        x = x.masked_fill(ids >= vocab_size, float("-inf"))
+    return -vocab_parallel_cross_entropy(x, targets_BS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward passes through megatron's schedule
+
+
+def _single_chunk(model):
+    if isinstance(model, (list, tuple)):
+        if len(model) != 1:
+            raise ValueError(f"model: got {len(model)} chunks; generation supports one chunk per stage "
+                             "(no virtual pipeline stages)")
+        return model[0]
+    return model
+
+
+def _position_ids(tokens_BS: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens_BS.shape[1], device=tokens_BS.device).unsqueeze(0).expand_as(tokens_BS)
+
+
+def _forward_rows(model, tokens_BS: torch.Tensor, rows_pos_B: torch.Tensor | None, inference_context,
+                  is_last_stage: bool) -> torch.Tensor | None:
+    """One forward-only pass through megatron's schedule; on the last stage returns each row's
+    logits at position ``rows_pos_B`` (None: the last position) as [B, Vl], vocab-parallel without
+    an inference context and already gathered over TP with one."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batch, seq = tokens_BS.shape
+
+    def loss_func(output_BSVl, non_loss_data=False):
+        if rows_pos_B is None:
+            return output_BSVl[:, -1, :]
+        return output_BSVl[torch.arange(batch), rows_pos_B.to(output_BSVl.device), :]
+
+    def forward_step(data_iterator, chunk):
+        tokens = next(data_iterator)
+        if inference_context is None:
+            out = chunk(tokens, _position_ids(tokens), None)
+        else:
+            # GPTModel insists on gathering the TP logits itself when given an inference context.
+            out = chunk(tokens, _position_ids(tokens), None, inference_context=inference_context,
+                        runtime_gather_output=True)
+        return out, loss_func
+
+    store = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([tokens_BS]), model=[model],
+        num_microbatches=1, seq_length=seq, micro_batch_size=batch, forward_only=True,
+        collect_non_loss_data=True,
+    )
+    return store[0] if is_last_stage else None
+
+
+def _share_from_last_stage(values: torch.Tensor | None, shape: tuple, groups: ModelParallelGroups,
+                           device) -> torch.Tensor:
+    """Broadcast a float64 tensor from TP rank 0 of the last stage to every rank of the
+    model-parallel group (first over TP inside the last stage, then over PP)."""
+    if groups.is_last_stage:
+        buf = values.to(device=device, dtype=torch.float64).contiguous()
+        if groups.tp_size > 1:
+            dist.broadcast(buf, src=dist.get_global_rank(groups.tp, 0), group=groups.tp)
+    else:
+        buf = torch.empty(shape, dtype=torch.float64, device=device)
+    if groups.pp_size > 1:
+        dist.broadcast(buf, src=dist.get_global_rank(groups.pp, groups.pp_size - 1), group=groups.pp)
+    return buf
+
+
+@contextlib.contextmanager
+def _inference_mode(model):
+    """Eval mode, no autograd, and sequence parallelism off for the duration.
+
+    Sequence parallelism splits the sequence over TP ranks, which a one-token decode step cannot
+    do; megatron's static controller switches it off the same way. (SP needs CUDA: this branch is
+    not exercised by the CPU tests.)
+    """
+    from megatron_longact.models.builder import unwrap
+
+    gpt = unwrap(model)
+    was_training = model.training
+    sequence_parallel = bool(gpt.config.sequence_parallel)
+    switch = None
+    if sequence_parallel:
+        from megatron_longact.compat import require_attr
+
+        switch = require_attr("megatron.core.transformer.utils", "set_model_to_sequence_parallel",
+                              ("model", "set_to"))
+        switch(gpt, set_to=False)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+        if switch is not None:
+            switch(gpt, set_to=True)
+
+
+def _row_generator(seed: int, sample_id: int) -> torch.Generator:
+    # Distinct, order-free streams per (seed, sample id); the constant is an odd 64-bit mixer.
+    return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + sample_id) % (2**63 - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+
+
+def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, eos_id: int, pad_id: int,
+             vocab_size: int, sample_ids: Sequence[int] | None = None,
+             groups: ModelParallelGroups | None = None, kv_cache: bool = True,
+             bucket: int = 64) -> GenerationOutput:
+    """Generate a response for each prompt (token ids, BOS included by the caller).
+
+    ``model`` is this rank's chunk (GPTModel, or wrapped in Float16Module / DDP). ``vocab_size`` is
+    the tokenizer's: logits of ids at or above it are never sampled. ``sample_ids`` name the rows'
+    random streams (default: ``dp_rank * 2**32 + row``); pass global ids, e.g. ``prompt * n + k``
+    for n samples per prompt, to make sampling independent of the layout and of batching.
+    Every rank of a model-parallel group must call this with the same prompts. See the module
+    docstring for the algorithm, padding and log-prob conventions.
+    """
+    model = _single_chunk(model)
+    groups = groups or ModelParallelGroups.from_parallel_state()
+    prompts = [list(map(int, p)) for p in prompts]
+    n_new = sampling.max_new_tokens
+    batch = len(prompts)
+    if batch == 0:
+        empty = torch.zeros(0, n_new, dtype=torch.long)
+        return GenerationOutput(torch.zeros(0, n_new, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                                empty, torch.zeros(0, dtype=torch.long), empty.float(),
+                                torch.zeros(0, dtype=torch.bool))
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompts[{i}]: empty; a prompt needs at least one token (e.g. BOS)")
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompts[{i}]: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    if sample_ids is not None and len(sample_ids) != batch:
+        raise ValueError(f"sample_ids: got {len(sample_ids)} ids for {batch} prompts")
+    check_positive("bucket", bucket)
+    from megatron_longact.models.builder import unwrap
+
+    gpt = unwrap(model)
+    lengths_B = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    width = int(lengths_B.max()) + n_new
+    max_len = int(getattr(gpt, "max_sequence_length", width))
+    if width > max_len:
+        raise ValueError(f"longest prompt ({int(lengths_B.max())} tokens) + max_new_tokens ({n_new}) = "
+                         f"{width} exceeds the model's max_sequence_length {max_len}")
+    if vocab_size > gpt.vocab_size:
+        raise ValueError(f"vocab_size: tokenizer vocabulary {vocab_size} is larger than the model's "
+                         f"(padded) vocabulary {gpt.vocab_size}")
+
+    device = next(gpt.parameters()).device
+    ids = sample_ids if sample_ids is not None else [groups.dp_rank * 2**32 + i for i in range(batch)]
+    generators = [_row_generator(sampling.seed, int(s)) for s in ids]
+
+    tokens_BW = torch.full((batch, width), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens_BW[i, : len(p)] = torch.tensor(p)
+    log_probs_BN = torch.zeros(batch, n_new, dtype=torch.float32)
+    generated_B = torch.zeros(batch, dtype=torch.long)
+    done_B = torch.zeros(batch, dtype=torch.bool)
+    hit_eos_B = torch.zeros(batch, dtype=torch.bool)
+
+    def choose(logits_BVl: torch.Tensor | None, rows_B: torch.Tensor) -> torch.Tensor:
+        """Sample for the rows ``rows_B`` (bool mask); returns [B, 2] (token, log-prob) on all ranks."""
+        values = None
+        if groups.is_last_stage:
+            from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+            full = logits_BVl.contiguous()
+            if groups.tp_size > 1 and full.shape[-1] != gpt.vocab_size:
+                full = gather_from_tensor_model_parallel_region(full, group=groups.tp)
+            logits_BV = full[:, :vocab_size].float()
+            # One uniform per sampling row and step, from that row's own stream.
+            uniforms = torch.zeros(batch, dtype=torch.float64)
+            if sampling.temperature > 0:
+                for i in torch.nonzero(rows_B).flatten().tolist():
+                    uniforms[i] = torch.rand((), dtype=torch.float64, generator=generators[i])
+            tok, lp = sample_tokens(logits_BV.cpu(), sampling, uniforms)
+            values = torch.stack([tok.double(), lp.double()], dim=1)
+        return _share_from_last_stage(values, (batch, 2), groups, device).cpu()
+
+    def record(col_B: torch.Tensor, rows_B: torch.Tensor, chosen: torch.Tensor) -> None:
+        """Write the chosen tokens of sampling rows at their columns and update the row states."""
+        for i in torch.nonzero(rows_B).flatten().tolist():
+            tok = int(chosen[i, 0])
+            k = int(generated_B[i])
+            tokens_BW[i, int(col_B[i])] = tok
+            log_probs_BN[i, k] = float(chosen[i, 1])
+            generated_B[i] = k + 1
+            if tok == eos_id:
+                hit_eos_B[i] = True
+                done_B[i] = True
+            elif k + 1 >= n_new:
+                done_B[i] = True
+
+    with _inference_mode(model):
+        if kv_cache:
+            from megatron.core.inference.contexts import StaticInferenceContext
+
+            context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=width)
+            context.materialize_only_last_token_logits = True
+            start, end = 0, int(lengths_B.min())
+            while True:
+                window = tokens_BW[:, start:end].to(device)
+                logits = _forward_rows(model, window, None, context, groups.is_last_stage)
+                context.increment_sequence_len_offset(end - start)
+                # Rows past their prompt (and not finished) sample column `end`; the others are
+                # teacher-forced with their prompt token or finished.
+                rows_B = (lengths_B <= end) & ~done_B
+                if rows_B.any():
+                    chosen = choose(logits, rows_B)
+                    record(torch.full((batch,), end), rows_B, chosen)
+                if bool(done_B.all()):
+                    break
+                if end >= int(lengths_B.max()):
+                    context.enable_decode_mode()
+                start, end = end, end + 1
+        else:
+            col_B = lengths_B.clone()  # next column to fill, per row
+            while not bool(done_B.all()):
+                rows_B = ~done_B
+                need = int(col_B[rows_B].max())
+                seq = min(width, -(-need // bucket) * bucket)
+                pos_B = (col_B - 1).clamp(max=seq - 1)
+                logits = _forward_rows(model, tokens_BW[:, :seq].to(device), pos_B, None,
+                                       groups.is_last_stage)
+                chosen = choose(logits, rows_B)
+                record(col_B, rows_B, chosen)
+                col_B = torch.where(rows_B, col_B + 1, col_B)
+
+    responses_BN = torch.full((batch, n_new), pad_id, dtype=torch.long)
+    for i in range(batch):
+        n, p = int(generated_B[i]), int(lengths_B[i])
+        responses_BN[i, :n] = tokens_BW[i, p:p + n]
+    return GenerationOutput(tokens=tokens_BW, prompt_lengths=lengths_B, responses=responses_BN,
+                            response_lengths=generated_B.clone(), log_probs=log_probs_BN,
+                            truncated=~hit_eos_B)
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher-forced log-probs
+
+
+def sequence_log_probs(model, tokens_BS: torch.Tensor, *, vocab_size: int, temperature: float = 1.0,
+                       lengths: torch.Tensor | None = None, micro_batch_size: int | None = None,
+                       with_grad: bool = False,
+                       groups: ModelParallelGroups | None = None) -> torch.Tensor:
+    """Per-token log-probs of given sequences: ``out[i, t] = log p(tokens[i, t+1] | tokens[i, :t+1])``,
+    [B, S-1] fp32, from temperature-scaled logits over the first ``vocab_size`` ids.
+
+    ``tokens_BS`` are right-padded sequences starting at position 0 (as :func:`generate` returns
+    them); with ``lengths`` entries whose target lies at or beyond a row's length are set to 0.
+    Target ids at or above ``vocab_size`` (padding) are clamped into the vocabulary so that padded
+    positions stay finite; mask them with ``lengths`` or the response mask.
+
+    ``with_grad=False`` (old-policy and reference log-probs): forward-only through megatron's
+    schedule in micro-batches of ``micro_batch_size`` rows (default: all), under ``torch.no_grad``;
+    the result is broadcast from the last pipeline stage, so every rank of the model-parallel group
+    returns it. ``with_grad=True``: one direct forward keeping the autograd graph; only without
+    pipeline parallelism (with PP, gradients flow through megatron's schedule: call
+    :func:`vocab_parallel_log_probs` in the forward step's loss function instead). The model's
+    train/eval mode is left as the caller set it.
+    """
+    model = _single_chunk(model)
+    groups = groups or ModelParallelGroups.from_parallel_state()
+    if tokens_BS.dim() != 2 or tokens_BS.shape[1] < 2:
+        raise ValueError(f"tokens: expected [batch, seq >= 2] ids, got shape {tuple(tokens_BS.shape)}")
+    batch, seq = tokens_BS.shape
+    from megatron_longact.models.builder import unwrap
+
+    device = next(unwrap(model).parameters()).device
+    tokens_BS = tokens_BS.to(device)
+    targets_BS = tokens_BS[:, 1:].clamp(max=vocab_size - 1)
+
+    if with_grad:
+        if groups.pp_size > 1:
+            raise ValueError("sequence_log_probs(with_grad=True) needs pipeline_model_parallel_size 1; "
+                             "under pipeline parallelism compute vocab_parallel_log_probs in the "
+                             "forward step's loss function")
+        logits = model(tokens_BS, _position_ids(tokens_BS), None)
+        out = vocab_parallel_log_probs(logits[:, :-1, :], targets_BS, vocab_size=vocab_size,
+                                       temperature=temperature)
+    else:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        mbs = micro_batch_size or batch
+        check_positive("micro_batch_size", mbs)
+        n_mb = -(-batch // mbs)
+        padded = torch.cat([tokens_BS, tokens_BS[:1].expand(n_mb * mbs - batch, seq)]) \
+            if n_mb * mbs != batch else tokens_BS
+
+        def forward_step(data_iterator, chunk):
+            tokens = next(data_iterator)
+
+            def to_log_probs(output_BSVl, non_loss_data=False):  # called on the last stage only
+                return vocab_parallel_log_probs(output_BSVl[:, :-1, :], tokens[:, 1:].clamp(max=vocab_size - 1),
+                                                vocab_size=vocab_size, temperature=temperature)
+
+            return chunk(tokens, _position_ids(tokens), None), to_log_probs
+
+        with torch.no_grad():
+            store = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(padded.split(mbs)), model=[model],
+                num_microbatches=n_mb, seq_length=seq, micro_batch_size=mbs, forward_only=True,
+                collect_non_loss_data=True,
+            )
+            values = torch.cat(store)[:batch] if groups.is_last_stage else None
+            out = _share_from_last_stage(values, (batch, seq - 1), groups, device).float()
+    if lengths is not None:
+        keep = torch.arange(1, seq, device=out.device).unsqueeze(0) < lengths.to(out.device).unsqueeze(1)
+        out = torch.where(keep, out, torch.zeros_like(out))
+    return out

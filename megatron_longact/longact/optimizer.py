@@ -1,0 +1,214 @@
+"""Apply LongAct masks inside megatron-core's optimizers (LONGACT_SPEC.md section 3).
+
+:func:`install` wraps one megatron optimizer (usually a ChainedOptimizer) so that each ``step()``:
+1. reduces the step's Q/K statistics and updates the masks (``LongAct.end_step``);
+2. zeroes the gradients of frozen W_Q/W_K rows (and q/k bias entries with ``include_bias``) in the
+   model's gradient buffers, before megatron copies them to the main gradients, computes the
+   gradient norm and clips;
+3. with ``apply_to=update``, snapshots the frozen entries of every main parameter it touches and of
+   the optimizer state tensors shaped like it (Adam's exp_avg, exp_avg_sq) right before the torch
+   optimizer steps, and writes them back right after it, before megatron copies main parameters to
+   the model parameters. Frozen entries therefore keep their main value and moments exactly, whatever
+   the learning rate and weight decay, and the bf16 model copy stays the cast of that value.
+
+Index spaces: row masks are TP-local (rows of this rank's ``linear_qkv``); element masks are
+shard-local (elements of the main parameter this DP rank owns, which may start and end mid-row).
+Only the per-channel masks persist between steps; element masks and snapshots are transient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megatron_longact.compat import MainParamRef, main_param_refs
+from megatron_longact.longact.config import LongActConfig
+from megatron_longact.longact.controller import LongAct, LongActGroups, megatron_groups
+
+
+class _Target:
+    """A linear_qkv weight or bias with its main-parameter reference."""
+
+    def __init__(self, ref: MainParamRef, row_slot: int, row_width: int):
+        self.ref = ref
+        self.row_slot = row_slot  # index into LongAct.local_qkv_row_masks()
+        self.row_width = row_width  # elements per row (hidden size for the weight, 1 for the bias)
+        self.frozen: torch.Tensor | None = None  # shard-local bool mask, this step only
+
+    def element_mask(self, keep_rows_P: torch.Tensor) -> torch.Tensor:
+        """Shard-local bool mask of frozen elements of the main parameter."""
+        start, n, w = self.ref.flat_start, self.ref.main_param.numel(), self.row_width
+        r0, r1 = start // w, (start + n - 1) // w + 1
+        frozen_rows = ~keep_rows_P[r0:r1].to(self.ref.main_param.device)
+        elems = frozen_rows.repeat_interleave(w)
+        off = start - r0 * w
+        return elems[off:off + n]
+
+
+class LongActHandle:
+    """What :func:`install` returns: the controller plus the optimizer integration."""
+
+    def __init__(self, longact: LongAct, optimizer, cfg: LongActConfig):
+        self.longact = longact
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self.step_count = 0
+        self.metrics: dict[str, float] = {}
+        self._targets = self._find_targets(main_param_refs(optimizer)) if cfg.enabled else []
+        self._orig_step = optimizer.step
+        self._hook_handles = []
+        if cfg.enabled:
+            optimizer.step = self._step
+            if cfg.apply_to == "update":
+                for torch_opt in {id(t.ref.torch_optimizer): t.ref.torch_optimizer
+                                  for t in self._targets}.values():
+                    self._hook_handles.append(torch_opt.register_step_pre_hook(self._snapshot))
+                    self._hook_handles.append(torch_opt.register_step_post_hook(self._restore))
+        self._saved: list[tuple[_Target, torch.Tensor, dict]] = []
+
+    # -- wiring ------------------------------------------------------------------------------
+    def _find_targets(self, refs: list[MainParamRef]) -> list[_Target]:
+        by_param = {id(r.model_param): r for r in refs}
+        targets = []
+        slot = 0
+        for model in self.longact.gpt_models:
+            for layer in model.decoder.layers:
+                qkv = layer.self_attention.linear_qkv
+                weight = qkv.weight
+                # Under the distributed optimizer a DP rank may own no part of a weight at all.
+                if id(weight) in by_param:
+                    targets.append(_Target(by_param[id(weight)], slot, weight.shape[1]))
+                bias = getattr(qkv, "bias", None)
+                if self.cfg.include_bias and isinstance(bias, torch.nn.Parameter) and id(bias) in by_param:
+                    targets.append(_Target(by_param[id(bias)], slot, 1))
+                slot += 1
+        return targets
+
+    def uninstall(self) -> None:
+        """Remove the optimizer wrapper, the optimizer hooks and the statistics hooks."""
+        self.optimizer.step = self._orig_step
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles.clear()
+        self.longact.remove()
+
+    # -- the step ----------------------------------------------------------------------------
+    def begin_microbatch(self, valid_BS=None, response_BS=None) -> None:
+        self.longact.begin_microbatch(valid_BS, response_BS)
+
+    def set_collecting(self, on: bool) -> None:
+        self.longact.set_collecting(on)
+
+    @torch.no_grad()
+    def _step(self, *args, **kwargs):
+        metrics = self.longact.end_step(self.step_count)
+        rows = self.longact.local_qkv_row_masks()
+        freezing = bool(rows) and not all(bool(r.all()) for _, r in rows)
+        for t in self._targets:
+            t.frozen = t.element_mask(rows[t.row_slot][1]) if freezing else None
+        if freezing:
+            metrics["longact/grad_norm_removed_fraction_qkv"] = self._zero_frozen_grads(rows)
+        try:
+            result = self._orig_step(*args, **kwargs)
+        finally:
+            for t in self._targets:
+                t.frozen = None
+            self._saved.clear()
+        self.step_count += 1
+        self.metrics = metrics
+        return result
+
+    def _zero_frozen_grads(self, rows) -> float:
+        """Zero frozen rows of the model gradients; return the removed fraction of the linear_qkv
+        gradient norm (over the gradient values this rank's optimizer owns)."""
+        sums = torch.zeros(2, dtype=torch.float64)
+        groups = {}
+        for t in self._targets:
+            p = t.ref.model_param
+            grad = getattr(p, "main_grad", None)
+            if grad is None:
+                grad = p.grad
+            if grad is None:
+                continue
+            owned = grad.view(-1)[t.ref.flat_start:t.ref.flat_start + t.ref.main_param.numel()].float()
+            sums[0] += float(owned.pow(2).sum())
+            sums[1] += float(owned[t.frozen].pow(2).sum())
+            keep_P = rows[t.row_slot][1].to(grad.device)
+            grad[~keep_P] = 0
+            if p.grad is not None and p.grad is not grad:
+                p.grad[~keep_P] = 0
+            group = t.ref.megatron_optimizer.get_grad_stats_parallel_group()
+            groups[id(group)] = group
+        for group in groups.values():  # one group in practice; the norm's own reduction group
+            if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+                dist.all_reduce(sums, group=group)
+        return math.sqrt(float(sums[1]) / float(sums[0])) if sums[0] > 0 else 0.0
+
+    @staticmethod
+    def _state_tensors(torch_opt, main) -> dict:
+        """Optimizer state shaped like ``main`` (exp_avg, exp_avg_sq, ...); not the step counter."""
+        return {k: v for k, v in torch_opt.state.get(main, {}).items()
+                if torch.is_tensor(v) and v.shape == main.shape}
+
+    def _snapshot(self, torch_opt, args, kwargs) -> None:
+        for t in self._targets:
+            if t.frozen is None or t.ref.torch_optimizer is not torch_opt:
+                continue
+            main = t.ref.main_param
+            state = self._state_tensors(torch_opt, main)
+            self._saved.append((t, main.data.view(-1)[t.frozen].clone(),
+                                {k: v.view(-1)[t.frozen].clone() for k, v in state.items()}))
+
+    def _restore(self, torch_opt, args, kwargs) -> None:
+        for t, param_values, state_values in self._saved:
+            if t.ref.torch_optimizer is not torch_opt:
+                continue
+            main = t.ref.main_param
+            main.data.view(-1)[t.frozen] = param_values
+            for k, v in self._state_tensors(torch_opt, main).items():
+                # State this very step created (the first step) starts from zero for frozen
+                # entries, as if the step never touched them.
+                v.view(-1)[t.frozen] = state_values[k] if k in state_values else 0
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "mask_state": self.longact.state.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step_count = int(sd["step_count"])
+        self.longact.state.load_state_dict(sd["mask_state"])
+
+    def persistent_bytes(self) -> int:
+        """Bytes LongAct keeps between steps on this rank (statistics accumulators, EMA and masks);
+        no per-element mask of weight size is kept."""
+        total = 0
+        st = self.longact.state
+        for t in (st.ema_q_LC, st.ema_k_LC, st.q_keep_LC, st.k_keep_LC, st.prev_q_keep_LC,
+                  st.prev_k_keep_LC):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        col = self.longact.collector
+        if col is not None:
+            for t in (col._q, col._k, col._count):
+                total += t.numel() * t.element_size()
+        return total
+
+
+def install(model_chunks: list, optimizer, config: LongActConfig | None = None, *,
+            groups: LongActGroups | None = None) -> LongActHandle:
+    """Attach LongAct to a megatron-core model and its optimizer.
+
+    ``model_chunks``: the (DDP-wrapped) model chunks of this rank, as passed to megatron's
+    schedule; ``optimizer``: what ``get_megatron_optimizer`` returned; ``groups``: the process
+    groups (default: megatron's parallel state). After this, ``optimizer.step()`` applies the masks;
+    call ``handle.begin_microbatch(valid_BS, response_BS)`` before each micro-batch's forward when
+    only some tokens should count, and ``handle.set_collecting(False)`` around forwards that are
+    not update passes (rollouts, evaluation).
+    """
+    config = config or LongActConfig()
+    groups = groups or megatron_groups()
+    tconfig = model_chunks[0].config
+    longact = LongAct(config, model_chunks, tconfig, groups)
+    return LongActHandle(longact, optimizer, config)

@@ -1,0 +1,147 @@
+"""LongAct inside megatron-core's optimizers (LONGACT_SPEC.md sections 3 and 4).
+
+(a) freeze exactness for DistributedOptimizer, Float16OptimizerWithFloat16Params and FP32Optimizer
+    at TP=2, DP=2 (a linear_qkv weight split across DP ranks) and PP=2, with a large learning rate
+    and weight decay: frozen rows keep model params, main params and Adam moments bit-identical;
+(b) strategy=none is bit-identical to plain megatron-core, and with a mask the unfrozen entries take
+    exactly the update plain megatron-core gives them from the same gradients;
+(c) apply_to=gradient drifts as documented (weight decay still shrinks frozen rows).
+"""
+
+import pytest
+import torch
+
+from megatron_longact.longact import LongActConfig
+from megatron_longact.models.config import ModelConfig
+from megatron_longact.training.config import TrainConfig
+from tests.dist_harness import run_distributed
+
+LR, WD = 0.05, 0.1
+
+
+def _tiny(dtype):
+    return ModelConfig(family="qwen3", num_layers=4, hidden_size=64, ffn_hidden_size=128,
+                       num_attention_heads=4, num_query_groups=2, head_dim=16, vocab_size=260,
+                       max_position_embeddings=512, qk_layernorm=True, params_dtype=dtype)
+
+
+def _run(runtime, dtype, distributed, longact_cfg, steps, clip=1.0, bucket=None):
+    """Train ``steps`` steps; return what the checks need (all on CPU, plain tensors)."""
+    from megatron_longact.compat import main_param_refs
+    from megatron_longact.longact.optimizer import install
+    from megatron_longact.training.engine import setup_engine, train_step
+    from megatron_longact.training.lm import _forward_step, micro_batches_for_step
+    from functools import partial
+
+    train = TrainConfig(steps=steps, seq_length=32, micro_batch_size=2, global_batch_size=4, lr=LR,
+                        weight_decay=WD, clip_grad=clip, use_distributed_optimizer=distributed,
+                        ddp_bucket_size=bucket)
+    engine = setup_engine(_tiny(dtype), train, runtime.parallel)
+    handle = install(engine.model, engine.optimizer, longact_cfg) if longact_cfg else None
+    gpt = engine.gpt_models[0]
+    init = {n: p.detach().clone() for n, p in gpt.named_parameters()}
+    refs = {id(r.model_param): r for r in main_param_refs(engine.optimizer)}
+    init_main = {n: refs[id(p)].main_param.detach().clone() for n, p in gpt.named_parameters()
+                 if id(p) in refs}
+    from megatron.core import parallel_state as ps
+
+    num_mb = train.num_microbatches(ps.get_data_parallel_world_size())
+    for step in range(steps):
+        train_step(engine, partial(_forward_step, handle), iter(micro_batches_for_step(step, engine, runtime.device)),
+                   num_mb, train.seq_length, train.micro_batch_size)
+    out = {"params": {n: p.detach().clone() for n, p in gpt.named_parameters()}, "init": init,
+           "init_main": init_main, "targets": []}
+    if handle is not None:
+        rows = {id(m.weight): r for m, r in handle.longact.local_qkv_row_masks()}
+        names = {id(p): n for n, p in gpt.named_parameters()}
+        out["keep_rows"] = {names[k]: r for k, r in rows.items()}
+        for t in handle._targets:
+            main = t.ref.main_param
+            state = t.ref.torch_optimizer.state.get(main, {})
+            name = next(n for n, p in gpt.named_parameters() if p is t.ref.model_param)
+            keep_rows = rows.get(id(t.ref.model_param))
+            if keep_rows is None:  # a bias: find its weight's rows
+                keep_rows = rows[id(gpt.get_submodule(name.rsplit(".", 1)[0]).weight)]
+            frozen = t.element_mask(keep_rows)
+            out["targets"].append(dict(
+                name=name, keep_rows=keep_rows, frozen=frozen, main=main.detach().clone(),
+                exp_avg=state["exp_avg"].clone(), exp_avg_sq=state["exp_avg_sq"].clone(),
+                split=t.ref.flat_start > 0 or main.numel() < t.ref.model_param.numel()))
+        out["metrics"] = dict(handle.metrics)
+        out["persistent_bytes"] = handle.persistent_bytes()
+    return out
+
+
+FIXED = LongActConfig(schedule="fixed", keep_ratio=0.3)
+
+
+@pytest.mark.parametrize("dtype,distributed,layout", [
+    ("bf16", True, dict(tp=2, dp=2)),    # DistributedOptimizer, weights split across DP ranks
+    ("bf16", True, dict(pp=2)),
+    ("bf16", False, dict(tp=2)),         # Float16OptimizerWithFloat16Params
+    ("fp32", False, dict(dp=2)),         # FP32Optimizer
+])
+def test_frozen_rows_are_bit_identical(dtype, distributed, layout):
+    # Small DDP buckets: every bucket is sharded over DP separately, so linear_qkv weights are
+    # cut mid-tensor (and mid-row) between the two DP ranks.
+    results = run_distributed(_run, args=(dtype, distributed, FIXED, 3, 1.0, 3000), **layout)
+    any_split = False
+    for out in results:
+        assert out["targets"], "no linear_qkv targets found"
+        for t in out["targets"]:
+            name, frozen = t["name"], t["frozen"]
+            any_split |= t["split"]
+            assert frozen.any() and (~frozen).any()
+            # model copy: frozen rows unchanged to the bit, the others moved
+            rows = t["keep_rows"]
+            p0, p1 = out["init"][name], out["params"][name]
+            assert torch.equal(p1[~rows], p0[~rows]), name
+            assert not torch.equal(p1[rows], p0[rows]), name
+            # main params and Adam moments of frozen entries: unchanged (moments never left zero)
+            main0 = out["init_main"][name].view(-1)
+            assert torch.equal(t["main"].view(-1)[frozen], main0[frozen]), name
+            assert not t["exp_avg"].view(-1)[frozen].any() and not t["exp_avg_sq"].view(-1)[frozen].any()
+            assert t["exp_avg_sq"].view(-1)[~frozen].any()
+        assert out["metrics"]["longact/kept_fraction_q"] == pytest.approx(19 / 64)
+        assert 0.0 < out["metrics"]["longact/grad_norm_removed_fraction_qkv"] < 1.0
+    if distributed and layout.get("dp") == 2:
+        assert any_split, "no linear_qkv weight is split across DP ranks: the case is not exercised"
+
+
+def test_strategy_none_is_bit_identical_to_plain_megatron():
+    plain = run_distributed(_run, args=("bf16", True, None, 3), tp=2)
+    none = run_distributed(_run, args=("bf16", True, LongActConfig(strategy="none"), 3), tp=2)
+    for a, b in zip(plain, none):
+        for name in a["params"]:
+            assert torch.equal(a["params"][name], b["params"][name]), name
+
+
+def test_unfrozen_entries_follow_plain_megatron_given_the_same_gradients():
+    """One step from the same weights and batch without clipping: every entry LongAct does not
+    freeze gets exactly the update plain megatron-core gives it."""
+    plain = run_distributed(_run, args=("bf16", True, None, 1, 0.0), dp=2)
+    masked = run_distributed(_run, args=("bf16", True, FIXED, 1, 0.0), dp=2)
+    for a, b in zip(plain, masked):
+        for name, p in a["params"].items():
+            q = b["params"][name]
+            if name in b["keep_rows"]:
+                keep = b["keep_rows"][name]
+                assert (~keep).any()
+                assert torch.equal(p[keep], q[keep]), name
+                assert torch.equal(q[~keep], b["init"][name][~keep]), name
+            else:
+                assert torch.equal(p, q), name
+
+
+def test_gradient_mode_drifts_as_documented():
+    """apply_to=gradient zeroes gradients only: with a mask fixed from the first step the Adam
+    moments of frozen entries stay zero, so their update is pure decoupled weight decay,
+    main <- main * (1 - lr * wd) each step."""
+    cfg = LongActConfig(schedule="fixed", apply_to="gradient")
+    out = run_distributed(_run, args=("fp32", False, cfg, 3))[0]
+    for t in out["targets"]:
+        frozen = t["frozen"]
+        main0 = out["init_main"][t["name"]].view(-1)[frozen]
+        got = t["main"].view(-1)[frozen]
+        assert not torch.equal(got, main0)
+        torch.testing.assert_close(got, main0 * (1 - LR * WD) ** 3, rtol=1e-6, atol=0)

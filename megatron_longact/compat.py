@@ -390,3 +390,45 @@ def _reject_fp8(param) -> None:
             "re-quantized with a new scale each step, so it cannot stay bit-identical; use BF16 "
             "primary weights with FP8 compute instead"
         )
+
+
+def prepare_optimizer_for_load(optimizer) -> None:
+    """Give a fresh DistributedOptimizer the state tensors a checkpoint load fills in place.
+
+    megatron-core 0.16's DistributedOptimizer.sharded_state_dict(is_loading=True) reads the inner
+    torch optimizer's ``step`` and fails on an optimizer that has not stepped yet (torch AdamW
+    creates its state lazily). megatron's own remedy, used for its fsdp_dtensor format, is one
+    optimizer step on zero gradients; every value it touches is then overwritten by the load.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in inner_optimizers(optimizer):
+        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
+            require_attr("megatron.core.optimizer.distrib_optimizer",
+                         "DistributedOptimizer._init_optimizer_states_with_dummy_values")
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def restore_torch_adam_step(optimizer, loaded_state: dict) -> None:
+    """Re-apply the saved Adam step count after a ``dp_reshardable`` load with torch's Adam(W).
+
+    megatron-core 0.16 keeps torch Adam's per-parameter ``step`` tensor inside the dp_reshardable
+    parameter state as a plain value, so a load hands back the *template's* step (that of the
+    fresh optimizer) and overwrites the correct count that load_state_dict had just set from the
+    saved param groups. Apex/TE FusedAdam keep the step in the param groups and are unaffected.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inners = inner_optimizers(optimizer)
+    for i, opt in enumerate(inners):
+        if not isinstance(opt, DistributedOptimizer) or not isinstance(
+                opt.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        sd = loaded_state if len(inners) == 1 else loaded_state[i]
+        steps = {g.get("step") for g in sd["optimizer"]["param_groups"] if g.get("step") is not None}
+        if len(steps) != 1:
+            continue
+        step = float(steps.pop())
+        for state in opt.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(step, dtype=torch.float32)

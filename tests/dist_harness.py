@@ -75,8 +75,10 @@ def run_distributed(fn, *, tp: int = 1, pp: int = 1, cp: int = 1, dp: int = 1, a
     out = ctx.Queue()
     port = free_port()
     procs = [
+        # Not daemonic: megatron's checkpoint writer starts a multiprocessing Manager in each rank.
+        # The finally block below still ends every rank.
         ctx.Process(target=_worker, args=(r, world_size, port, (tp, pp, cp, dp), seed, fn, args, out),
-                    daemon=True)
+                    daemon=False)
         for r in range(world_size)
     ]
     for p in procs:

@@ -96,6 +96,9 @@ def main() -> int:
     mt = mask_time(max(args.iters, 10))
     print(f"Llama-3-70B-shaped masks (80 x 64 heads x 8 groups x 128): {mt * 1e3:.1f} ms "
           f"(target <= 50 ms)")
+    from megatron_longact.runtime import destroy
+
+    destroy()
     return 0
 
 

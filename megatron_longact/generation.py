@@ -15,7 +15,8 @@ one column for all rows. A row whose prompt is longer than the current column is
 its own prompt token; a row past its prompt samples. Each row's tokens therefore sit at positions
 0..n-1 with no padding before them, which is what megatron's RoPE assumes: GPTModel ignores
 ``position_ids`` for RoPE (positions are implicit 0..S-1, offset by the cache), so left-padding
-would shift every position and cannot be used with it.
+would shift every position and cannot be used with it. Cost: the prompt part beyond the shortest
+prompt is fed one column per step, so batch prompts of similar length together.
 
 Full recompute (``kv_cache=False``): every step runs the whole (right-padded) batch again, padded
 to a multiple of ``bucket`` columns so the schedule sees few distinct ``seq_length`` values, and
@@ -23,20 +24,22 @@ reads each row's logits at its own last position. Causal attention means the pad
 never reaches its logits. Cost is O(S^2) per token instead of O(S); it is kept as a fallback (and
 as a cross-check: both paths give the same tokens) for models or kernels the cache does not cover.
 
-Why not megatron's inference engine. ``StaticInferenceEngine`` in 0.16.1 builds a
-``DynamicInferenceEngine`` (paged KV cache, CUDA graphs, unified memory) and falls back to the
-legacy static controller. On the CPU runtime layer the legacy controller needed a CUDA
-``torch.Generator`` in its constructor (``text_generation_controller.py:75``), and with that worked
-around it generated under TP=1 and TP=2 but failed under PP=2 on ``assert tensor.is_cuda``
-(``inference/communication_utils.py:31``). It also samples with one generator for the batch, computes
-the returned log-probs from logits in the parameter dtype, and owns the stopping rules. So the loop
-here is ours and the cache is megatron's: the same ``StaticInferenceContext`` and attention code the
+Why not megatron's inference engine. Checked on the CPU runtime layer with megatron-core 0.16.1:
+``StaticInferenceEngine`` first builds a ``DynamicInferenceEngine`` (paged KV cache, CUDA graphs);
+that failed to initialize (its buffer sizing gave max_tokens 16384 < max_requests 327676) and the
+engine fell back to the legacy static controller. The controller needed a CUDA ``torch.Generator``
+in its constructor (``text_generation_controller.py:75``); with that worked around it generated
+under TP=1 and TP=2 but failed under PP=2 on ``assert tensor.is_cuda``
+(``inference/communication_utils.py:31``). It also samples from the padded vocabulary (it produced
+ids the tokenizer does not have), draws from one generator for the whole batch, computes the
+returned log-probs from logits in the parameter dtype, and owns the stopping rules. So the loop here
+is ours and the cache is megatron's: the same ``StaticInferenceContext`` and attention code the
 controller uses, driven through the training schedule.
 
 Sampling and log-probs
 ----------------------
-On the last pipeline stage the vocab-parallel logits of the rows' last positions are all-gathered
-over the tensor-parallel group, cast to fp32, and cut to the tokenizer's vocabulary (ids >=
+On the last pipeline stage the vocab-parallel logits of the rows' last positions are gathered over
+the tensor-parallel group (by megatron's output layer when the KV cache is used), cast to fp32, and cut to the tokenizer's vocabulary (ids >=
 ``vocab_size`` are the embedding's padding and can never be sampled). Temperature 0 is greedy
 (argmax, lowest id on ties). Otherwise logits are divided by the temperature, then top-k and top-p
 filter them, and the token is drawn by inverting the CDF with one uniform number per row and step.
@@ -46,7 +49,8 @@ depend on the batch it sits in or on the layout.
 ``log_probs`` are log-softmax of the fp32, temperature-scaled logits *before* top-k/top-p
 filtering, at the sampled token (temperature 0 counts as 1). That is the distribution the RL loss
 recomputes with :func:`sequence_log_probs` / :func:`vocab_parallel_log_probs` at the same
-temperature; truncation by top-k/top-p is not reflected (as in verl and OpenRLHF).
+temperature; truncation by top-k/top-p is not reflected (verl's old log-probs follow the same
+convention).
 
 The chosen tokens and their log-probs are broadcast from tensor-parallel rank 0 of the last stage
 over the tensor-parallel group, then from the last stage over the pipeline group, so every rank of a
@@ -190,6 +194,8 @@ def sample_tokens(logits_BV: torch.Tensor, sampling: SamplingConfig,
         tokens_B = logits_BV.argmax(dim=-1)
         logp_BV = torch.log_softmax(logits_BV, dim=-1)
         return tokens_B, logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+    if uniforms_B is None:
+        raise ValueError("sample_tokens: temperature > 0 needs one uniform number per row")
     scaled_BV = logits_BV / sampling.temperature
     logp_BV = torch.log_softmax(scaled_BV, dim=-1)
     probs_BV = torch.softmax(_filter_top_k_top_p(scaled_BV, sampling.top_k, sampling.top_p), dim=-1)
@@ -329,6 +335,38 @@ def _row_generator(seed: int, sample_id: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + sample_id) % (2**63 - 1))
 
 
+def _length_groups(lengths: list[int], spread: int) -> list[list[int]]:
+    """Rows grouped so that prompt lengths within a group differ by at most ``spread``
+    (deterministic: every rank of a model-parallel group forms the same groups)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    parts: list[list[int]] = []
+    for i in order:
+        if parts and lengths[i] - lengths[parts[-1][0]] <= spread:
+            parts[-1].append(i)
+        else:
+            parts.append([i])
+    return parts
+
+
+def _merge_outputs(outs: list, parts: list[list[int]], batch: int, width: int, pad_id: int) -> GenerationOutput:
+    """Put sub-batch results back in the caller's row order, in a buffer of the full width."""
+    n_new = outs[0].responses.shape[1]
+    merged = GenerationOutput(
+        tokens=torch.full((batch, width), pad_id, dtype=torch.long),
+        prompt_lengths=torch.zeros(batch, dtype=torch.long),
+        responses=torch.full((batch, n_new), pad_id, dtype=torch.long),
+        response_lengths=torch.zeros(batch, dtype=torch.long),
+        log_probs=torch.zeros(batch, n_new, dtype=torch.float32),
+        truncated=torch.zeros(batch, dtype=torch.bool),
+    )
+    for out, part in zip(outs, parts):
+        rows = torch.tensor(part)
+        merged.tokens[rows, : out.tokens.shape[1]] = out.tokens
+        for name in ("prompt_lengths", "responses", "response_lengths", "log_probs", "truncated"):
+            getattr(merged, name)[rows] = getattr(out, name)
+    return merged
+
+
 # --------------------------------------------------------------------------------------------------
 # Generation
 
@@ -336,7 +374,7 @@ def _row_generator(seed: int, sample_id: int) -> torch.Generator:
 def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, eos_id: int, pad_id: int,
              vocab_size: int, sample_ids: Sequence[int] | None = None,
              groups: ModelParallelGroups | None = None, kv_cache: bool = True,
-             bucket: int = 64) -> GenerationOutput:
+             max_prompt_spread: int | None = None, bucket: int = 64) -> GenerationOutput:
     """Generate a response for each prompt (token ids, BOS included by the caller).
 
     ``model`` is this rank's chunk (GPTModel, or wrapped in Float16Module / DDP). ``vocab_size`` is
@@ -345,6 +383,11 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
     for n samples per prompt, to make sampling independent of the layout and of batching.
     Every rank of a model-parallel group must call this with the same prompts. See the module
     docstring for the algorithm, padding and log-prob conventions.
+
+    With the KV cache, prompts whose lengths differ by more than ``max_prompt_spread`` tokens
+    (default: ``max_new_tokens``) run as separate sub-batches one after the other: the part of a
+    prompt beyond the shortest one in its batch is fed one column per step, so a wide spread costs
+    more than another pass. ``bucket`` (full recompute only) rounds the forward width up.
     """
     model = _single_chunk(model)
     groups = groups or ModelParallelGroups.from_parallel_state()
@@ -378,8 +421,19 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
         raise ValueError(f"vocab_size: tokenizer vocabulary {vocab_size} is larger than the model's "
                          f"(padded) vocabulary {gpt.vocab_size}")
 
+    ids = list(sample_ids) if sample_ids is not None else [groups.dp_rank * 2**32 + i for i in range(batch)]
+    if kv_cache:
+        spread = n_new if max_prompt_spread is None else max_prompt_spread
+        check_positive("max_prompt_spread", spread, allow_zero=True)
+        parts = _length_groups(lengths_B.tolist(), spread)
+        if len(parts) > 1:
+            outs = [generate(model, [prompts[i] for i in part], sampling, eos_id=eos_id, pad_id=pad_id,
+                             vocab_size=vocab_size, sample_ids=[ids[i] for i in part], groups=groups,
+                             kv_cache=True, max_prompt_spread=width)
+                    for part in parts]
+            return _merge_outputs(outs, parts, batch, width, pad_id)
+
     device = next(gpt.parameters()).device
-    ids = sample_ids if sample_ids is not None else [groups.dp_rank * 2**32 + i for i in range(batch)]
     generators = [_row_generator(sampling.seed, int(s)) for s in ids]
 
     tokens_BW = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -498,7 +552,11 @@ def sequence_log_probs(model, tokens_BS: torch.Tensor, *, vocab_size: int, tempe
     batch, seq = tokens_BS.shape
     from megatron_longact.models.builder import unwrap
 
-    device = next(unwrap(model).parameters()).device
+    gpt = unwrap(model)
+    if gpt.config.sequence_parallel and seq % groups.tp_size:
+        raise ValueError(f"tokens: sequence length {seq} must be a multiple of the tensor-parallel size "
+                         f"{groups.tp_size} under sequence parallelism; pad the batch")
+    device = next(gpt.parameters()).device
     tokens_BS = tokens_BS.to(device)
     targets_BS = tokens_BS[:, 1:].clamp(max=vocab_size - 1)
 

@@ -16,7 +16,6 @@ weights source) is checked before any process group is created or any model is b
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,8 +28,6 @@ from megatron_longact.data.tokenizer import PromptConfig, TokenizerConfig
 from megatron_longact.run_config import RunConfig, load_run_config
 from megatron_longact.runtime import initialize, read_dist_env
 from megatron_longact.tasks.suite import SuiteConfig
-
-CHECKPOINT_MODULE = "megatron_longact.convert.checkpoint"
 
 
 @dataclass
@@ -46,7 +43,8 @@ class EvalConfig:
     """Weights: ``checkpoint`` loads ``checkpoint``; ``random`` uses the layout-independent reference
     initialization (smoke tests of the pipeline, scores are meaningless)."""
     checkpoint: str | None = None
-    """Megatron distributed checkpoint folder."""
+    """Weights checkpoint folder (megatron distributed format, see ``convert.checkpoint``); its
+    stored model shape must match the run config's model."""
     seed: int | None = None
     """Seed of the random initialization; None uses train.seed."""
     batch_size: int = 8
@@ -74,7 +72,7 @@ class EvalConfig:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="longact-eval", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="run config YAML (model and parallel layout)")
-    p.add_argument("--checkpoint", help="megatron distributed checkpoint folder to evaluate")
+    p.add_argument("--checkpoint", help="weights checkpoint folder (longact-convert hf-to-mcore output)")
     p.add_argument("--init", choices=("checkpoint", "random"),
                    help="'random': reference-initialized weights instead of a checkpoint")
     p.add_argument("--suite", choices=("ruler", "longbench-v2"), help="benchmark (default ruler)")
@@ -146,28 +144,17 @@ class Plan:
     load_checkpoint: object | None
 
 
-def _checkpoint_loader(path: str):
-    """The function that loads a distributed checkpoint into a built model.
+def _checkpoint_loader(path: str, model_cfg):
+    """Check that ``path`` is a weights checkpoint (``convert.checkpoint``) for this model's shape
+    and return the function that loads it into a built GPTModel (any layout)."""
+    from megatron_longact.convert.checkpoint import check_compatible, load_model_weights, read_meta
 
-    TODO: megatron_longact.convert.checkpoint (distributed checkpoint save/load) is developed
-    separately; until it exists, evaluation from a checkpoint cannot run and says so up front.
-    """
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"--checkpoint {path}: not a directory; expected a megatron distributed "
-                                "checkpoint folder")
-    if importlib.util.find_spec(CHECKPOINT_MODULE) is None:
-        raise NotImplementedError(
-            f"--checkpoint: loading megatron distributed checkpoints needs {CHECKPOINT_MODULE}, which is "
-            "not available in this installation yet; use --init random to smoke-test the evaluation"
-        )
-    module = importlib.import_module(CHECKPOINT_MODULE)
-    load = getattr(module, "load_model_checkpoint", None) or getattr(module, "load_checkpoint", None)
-    if load is None:
-        raise NotImplementedError(
-            f"--checkpoint: {CHECKPOINT_MODULE} has no load_model_checkpoint/load_checkpoint function "
-            "that longact-eval knows how to call"
-        )
-    return load
+        raise FileNotFoundError(f"--checkpoint {path}: not a directory; expected a weights checkpoint "
+                                "folder written by longact-convert hf-to-mcore")
+    stored, _ = read_meta(path)
+    check_compatible(stored, model_cfg, path)
+    return lambda gpt_model: load_model_weights(gpt_model, path, model_cfg)
 
 
 def prepare(argv=None) -> Plan:
@@ -193,7 +180,7 @@ def prepare(argv=None) -> Plan:
                            parallel.context_parallel_size)
     if parallel.context_parallel_size > 1:
         raise ConfigError("parallel.context_parallel_size: generation supports 1 only")
-    load = _checkpoint_loader(ecfg.checkpoint) if ecfg.init == "checkpoint" else None
+    load = _checkpoint_loader(ecfg.checkpoint, cfg.model) if ecfg.init == "checkpoint" else None
 
     tokenizer = load_tokenizer(ecfg.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -233,7 +220,7 @@ def run(plan: Plan, runtime) -> dict | None:
     if plan.load_checkpoint is None:
         reference_initialize(model, cfg.model, ecfg.seed if ecfg.seed is not None else cfg.train.seed)
     else:
-        plan.load_checkpoint(model, ecfg.checkpoint)
+        plan.load_checkpoint(model)
     if tconfig.bf16 or tconfig.fp16:
         # As in training (models.builder.wrap_for_training): Float16Module casts every weight,
         # norms included, to the half dtype, so evaluation runs the numerics the model trained with.

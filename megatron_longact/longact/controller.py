@@ -54,7 +54,8 @@ class LongAct:
     One optimizer step::
 
         for each micro-batch: longact.begin_microbatch(valid_BS, response_BS); forward/backward
-        metrics = longact.end_step(step)      # global statistics -> masks (every rank alike)
+        longact.end_step(step)                # global statistics -> masks (every rank alike)
+        metrics = longact.metrics()           # when logging
         row_masks = longact.local_qkv_row_masks()
     """
 
@@ -91,16 +92,21 @@ class LongAct:
         if self.collector is not None:
             self.collector.enabled = on
 
-    def end_step(self, step: int) -> dict[str, float]:
+    def end_step(self, step: int) -> bool:
         """Reduce this step's statistics over all ranks, update the EMA and, when the schedule says
-        so, the masks. Returns the step's metrics (empty when LongAct is disabled)."""
+        so, the masks. Returns whether a new mask was computed."""
         if self.collector is None:
-            return {}
+            return False
         g = self.groups
         stats = self.collector.reduce(dp_cp_group=g.dp_cp, tp_group=g.tp, pp_group=g.pp)
         self.last_stats = stats
-        self.state.update(stats, step)
-        return step_metrics(self.state, stats)
+        return self.state.update(stats, step)
+
+    def metrics(self) -> dict[str, float]:
+        """The last step's metrics (spec section 5); computed on demand, no communication."""
+        if self.last_stats is None:
+            return {}
+        return step_metrics(self.state, self.last_stats)
 
     def heatmap(self):
         """RGB [H, W, 3] uint8 saliency heatmap of the last step's statistics (or None)."""

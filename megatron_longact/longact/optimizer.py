@@ -36,6 +36,7 @@ class _Target:
         self.row_slot = row_slot  # index into LongAct.local_qkv_row_masks()
         self.row_width = row_width  # elements per row (hidden size for the weight, 1 for the bias)
         self.frozen: torch.Tensor | None = None  # shard-local bool mask, this step only
+        self.frozen_idx: torch.Tensor | None = None  # the same as indices
 
     def element_mask(self, keep_rows_P: torch.Tensor) -> torch.Tensor:
         """Shard-local bool mask of frozen elements of the main parameter."""
@@ -55,7 +56,9 @@ class LongActHandle:
         self.optimizer = optimizer
         self.cfg = cfg
         self.step_count = 0
-        self.metrics: dict[str, float] = {}
+        self._removed_fraction: torch.Tensor | None = None
+        self._element_masks: dict[int, torch.Tensor] = {}
+        self._element_masks_step = None
         self._targets = self._find_targets(main_param_refs(optimizer)) if cfg.enabled else []
         self._orig_step = optimizer.step
         self._hook_handles = []
@@ -101,29 +104,44 @@ class LongActHandle:
     def set_collecting(self, on: bool) -> None:
         self.longact.set_collecting(on)
 
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Metrics of the last step (computed on demand): the controller's, plus the fraction of
+        the linear_qkv gradient norm that the mask removed."""
+        out = self.longact.metrics()
+        if self._removed_fraction is not None:
+            total, removed = self._removed_fraction.tolist()
+            out["longact/grad_norm_removed_fraction_qkv"] = math.sqrt(removed / total) if total > 0 else 0.0
+        return out
+
     @torch.no_grad()
     def _step(self, *args, **kwargs):
-        metrics = self.longact.end_step(self.step_count)
+        self.longact.end_step(self.step_count)
         rows = self.longact.local_qkv_row_masks()
-        freezing = bool(rows) and not all(bool(r.all()) for _, r in rows)
+        freezing = self.cfg.strategy != "none" and bool(rows)
+        if freezing and self._element_masks_step != self.longact.state.last_mask_step:
+            # Element masks change only when the mask does (every step for every_step).
+            masks = {id(t): t.element_mask(rows[t.row_slot][1]) for t in self._targets}
+            # Index form of the same masks: gathers and scatters with a fixed index are cheaper
+            # than boolean indexing, which recounts the mask on every use.
+            self._element_masks = {k: (m, m.nonzero().squeeze(1)) for k, m in masks.items()}
+            self._element_masks_step = self.longact.state.last_mask_step
         for t in self._targets:
-            t.frozen = t.element_mask(rows[t.row_slot][1]) if freezing else None
-        if freezing:
-            metrics["longact/grad_norm_removed_fraction_qkv"] = self._zero_frozen_grads(rows)
+            t.frozen, t.frozen_idx = self._element_masks[id(t)] if freezing else (None, None)
+        self._removed_fraction = self._zero_frozen_grads(rows) if freezing else None
         try:
             result = self._orig_step(*args, **kwargs)
         finally:
             for t in self._targets:
-                t.frozen = None
+                t.frozen = t.frozen_idx = None
             self._saved.clear()
         self.step_count += 1
-        self.metrics = metrics
         return result
 
-    def _zero_frozen_grads(self, rows) -> float:
-        """Zero frozen rows of the model gradients; return the removed fraction of the linear_qkv
-        gradient norm (over the gradient values this rank's optimizer owns)."""
-        sums = torch.zeros(2, dtype=torch.float64)
+    def _zero_frozen_grads(self, rows) -> torch.Tensor:
+        """Zero frozen rows of the model gradients; return [total, removed] squared linear_qkv
+        gradient norms over the gradient values the optimizers own, reduced like the grad norm."""
+        sums = None
         groups = {}
         for t in self._targets:
             p = t.ref.model_param
@@ -133,18 +151,22 @@ class LongActHandle:
             if grad is None:
                 continue
             owned = grad.view(-1)[t.ref.flat_start:t.ref.flat_start + t.ref.main_param.numel()].float()
-            sums[0] += float(owned.pow(2).sum())
-            sums[1] += float(owned[t.frozen].pow(2).sum())
+            sq = owned * owned
+            pair = torch.stack([sq.sum(), (sq * t.frozen).sum()]).double()
+            sums = pair if sums is None else sums + pair
             keep_P = rows[t.row_slot][1].to(grad.device)
             grad[~keep_P] = 0
             if p.grad is not None and p.grad is not grad:
                 p.grad[~keep_P] = 0
             group = t.ref.megatron_optimizer.get_grad_stats_parallel_group()
             groups[id(group)] = group
+        if sums is None:  # this DP rank owns no part of any linear_qkv weight
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+            sums = torch.zeros(2, dtype=torch.float64, device=device)
         for group in groups.values():  # one group in practice; the norm's own reduction group
             if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
                 dist.all_reduce(sums, group=group)
-        return math.sqrt(float(sums[1]) / float(sums[0])) if sums[0] > 0 else 0.0
+        return sums
 
     @staticmethod
     def _state_tensors(torch_opt, main) -> dict:
@@ -156,21 +178,24 @@ class LongActHandle:
         for t in self._targets:
             if t.frozen is None or t.ref.torch_optimizer is not torch_opt:
                 continue
-            main = t.ref.main_param
+            main, idx = t.ref.main_param, t.frozen_idx
             state = self._state_tensors(torch_opt, main)
-            self._saved.append((t, main.data.view(-1)[t.frozen].clone(),
-                                {k: v.view(-1)[t.frozen].clone() for k, v in state.items()}))
+            self._saved.append((t, main.data.view(-1).index_select(0, idx),
+                                {k: v.view(-1).index_select(0, idx) for k, v in state.items()}))
 
     def _restore(self, torch_opt, args, kwargs) -> None:
         for t, param_values, state_values in self._saved:
             if t.ref.torch_optimizer is not torch_opt:
                 continue
-            main = t.ref.main_param
-            main.data.view(-1)[t.frozen] = param_values
+            main, idx = t.ref.main_param, t.frozen_idx
+            main.data.view(-1).index_copy_(0, idx, param_values)
             for k, v in self._state_tensors(torch_opt, main).items():
-                # State this very step created (the first step) starts from zero for frozen
-                # entries, as if the step never touched them.
-                v.view(-1)[t.frozen] = state_values[k] if k in state_values else 0
+                if k in state_values:
+                    v.view(-1).index_copy_(0, idx, state_values[k])
+                else:
+                    # State this very step created (the first step) starts from zero for frozen
+                    # entries, as if the step never touched them.
+                    v.view(-1).index_fill_(0, idx, 0)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

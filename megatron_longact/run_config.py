@@ -6,9 +6,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_longact.config import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides
+from megatron_longact.longact.config import LongActConfig
 from megatron_longact.models.config import ModelConfig
 from megatron_longact.runtime.distributed import ParallelConfig
 from megatron_longact.training.config import TrainConfig
+from megatron_longact.training.rl_config import (
+    CheckpointConfig,
+    DataConfig,
+    EvaluationConfig,
+    RLConfig,
+    SFTConfig,
+)
 
 
 @dataclass
@@ -25,6 +33,12 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    longact: LongActConfig = field(default_factory=LongActConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def check_layout(self, world_size: int) -> ParallelConfig:
         """Validate the parallel layout against the world size, the model and the batch; returns
@@ -33,12 +47,21 @@ class RunConfig:
         self.model.check_layout(parallel.tensor_model_parallel_size,
                                 parallel.pipeline_model_parallel_size,
                                 parallel.context_parallel_size)
-        self.train.num_microbatches(parallel.data_parallel_size)
+        if self.train.mode == "lm":
+            self.train.num_microbatches(parallel.data_parallel_size)
         if self.train.seq_length > self.model.max_position_embeddings:
             raise ConfigError(
                 f"train.seq_length: {self.train.seq_length} exceeds "
                 f"model.max_position_embeddings={self.model.max_position_embeddings}"
             )
+        if self.train.mode in ("sft", "rl"):
+            dp = parallel.data_parallel_size
+            if self.train.mode == "rl" and self.rl.prompts_per_step % dp:
+                raise ConfigError(f"rl.prompts_per_step: {self.rl.prompts_per_step} is not a multiple of "
+                                  f"the data-parallel size {dp}")
+            if self.sft.batch_size % dp:
+                raise ConfigError(f"sft.batch_size: {self.sft.batch_size} is not a multiple of the "
+                                  f"data-parallel size {dp}")
         if self.train.seq_length % parallel.context_parallel_size:
             raise ConfigError(
                 f"train.seq_length: {self.train.seq_length} is not divisible by "

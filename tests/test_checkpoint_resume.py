@@ -61,13 +61,18 @@ def _save(runtime, root, engine, handle, step):
                      "step": step}, keep=0)
 
 
+def _uninterrupted(runtime, with_full) -> dict:
+    """The reference: all STEPS steps in one go (when asked for)."""
+    if not with_full:
+        return {}
+    engine, handle = _engine(runtime)
+    out = {"full_losses": _steps(runtime, engine, handle, 0, STEPS), "full_params": _params(engine)}
+    handle.uninstall()
+    return out
+
+
 def _first_half(runtime, root, with_full):
-    out = {}
-    if with_full:
-        engine, handle = _engine(runtime)
-        out["full_losses"] = _steps(runtime, engine, handle, 0, STEPS)
-        out["full_params"] = _params(engine)
-        handle.uninstall()
+    out = _uninterrupted(runtime, with_full)
     engine, handle = _engine(runtime)
     out["first_losses"] = _steps(runtime, engine, handle, 0, SPLIT)
     _save(runtime, root, engine, handle, SPLIT)
@@ -77,12 +82,7 @@ def _first_half(runtime, root, with_full):
 def _second_half(runtime, root, with_full):
     from megatron_longact import checkpoint
 
-    out = {}
-    if with_full:
-        engine, handle = _engine(runtime)
-        out["full_losses"] = _steps(runtime, engine, handle, 0, STEPS)
-        out["full_params"] = _params(engine)
-        handle.uninstall()
+    out = _uninterrupted(runtime, with_full)
     engine, handle = _engine(runtime)
     folder = checkpoint.latest_valid(root)
     objs = checkpoint.load(folder, engine.model, engine.optimizer, ["scheduler", "longact", "step"],

@@ -90,3 +90,14 @@ def test_bad_import_paths():
         RewardConfig(function=f"{__name__}:NOT_CALLABLE")
     with pytest.raises(ConfigError, match="reward.convention"):
         RewardConfig(convention="signed")
+
+
+def test_prefix_match_gives_partial_credit():
+    from megatron_longact.tasks.rewards import prefix_match
+
+    record = {"references": ["677"], "metric": "all"}
+    assert prefix_match(" 677", record) == 1.0
+    assert prefix_match("670", record) == pytest.approx(2 / 3)
+    assert prefix_match("7", record) == 0.0
+    assert prefix_match("", record) == 0.0
+    assert prefix_match("4", {"references": ["12", "45"]}) == 0.5

@@ -56,6 +56,20 @@ def main(argv=None) -> int:
               f"dp={parallel.data_parallel_size} device={runtime.device} steps={cfg.train.steps}",
               flush=True)
 
+    if cfg.train.mode in ("sft", "rl"):
+        from megatron_longact.training.trainer import Trainer
+
+        start = time.monotonic()
+        history = Trainer(cfg, runtime).run()
+        if rank0:
+            writer.close()
+            print(f"done: {len(history)} steps in {time.monotonic() - start:.1f}s; logs in {out_dir}",
+                  flush=True)
+        from megatron_longact.runtime import destroy
+
+        destroy()
+        return 0
+
     from megatron_longact.training.lm import train_lm
 
     start = time.monotonic()

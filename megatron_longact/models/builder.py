@@ -14,7 +14,7 @@ from megatron_longact.config import ConfigError
 from megatron_longact.models.config import ModelConfig
 from megatron_longact.runtime import ParallelConfig
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PARAMS_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def transformer_engine_available() -> bool:
@@ -43,7 +43,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig):
 
     cfg.check_layout(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                      parallel.context_parallel_size)
-    dtype = _DTYPES[cfg.params_dtype]
+    dtype = PARAMS_DTYPES[cfg.params_dtype]
     cpu = not torch.cuda.is_available()
     recompute = {}
     if cfg.recompute == "selective":

@@ -66,6 +66,26 @@ def choice_match(response: str, record: Mapping[str, Any]) -> float:
     return choice_score(response, dict(record))
 
 
+def prefix_match(response: str, record: Mapping[str, Any]) -> float:
+    """Dense shaping score for small models: the longest common prefix of the stripped response
+    and the best reference, as a fraction of that reference's length (1.0 = exact answer first).
+
+    Not a benchmark metric: it gives partial credit for a partly right answer (e.g. 2 of 3 digits),
+    so that a tiny model's rewards are not all zero. Use ``task_score`` to evaluate.
+    """
+    text = strip_thinking(response).strip()
+    best = 0.0
+    for ref in record["references"]:
+        ref = str(ref).strip()
+        if not ref:
+            continue
+        n = 0
+        while n < min(len(ref), len(text)) and text[n] == ref[n]:
+            n += 1
+        best = max(best, n / len(ref))
+    return best
+
+
 _BY_METRIC: dict[str, ScoreFn] = {
     "all": contained_match,
     "part": contained_match,

@@ -12,15 +12,20 @@ from megatron_longact.config import ConfigError, check_choice, check_positive, c
 class TrainConfig:
     """Batch sizes, optimizer and schedule. Batch sizes count sequences."""
 
-    mode: Literal["lm"] = "lm"
-    """Training objective. ``lm``: next-token loss on synthetic text (engine smoke test)."""
+    mode: Literal["lm", "sft", "rl"] = "lm"
+    """``rl``: GRPO/DAPO-family RL (after ``sft.steps`` of supervised warm start); ``sft``:
+    supervised fine-tuning on the task records; ``lm``: next-token loss on synthetic text (the
+    engine's smoke test)."""
     steps: int = 10
     seed: int = 1234
     seq_length: int = 128
+    """Sequence length of LM training; SFT/RL pad each batch to its own longest sequence instead
+    (rounded up to a multiple of 16) and check it against model.max_position_embeddings."""
     micro_batch_size: int = 2
     global_batch_size: int = 8
-    """Sequences per optimizer step over all data-parallel ranks; must be a multiple of
-    micro_batch_size x data_parallel_size (the rest are gradient-accumulation micro-batches)."""
+    """LM mode: sequences per optimizer step over all data-parallel ranks; a multiple of
+    micro_batch_size x data_parallel_size (the rest are gradient-accumulation micro-batches).
+    SFT and RL size their steps with sft.batch_size and rl.prompts_per_step x rl.group_size."""
     lr: float = 1e-3
     min_lr: float = 0.0
     lr_warmup_steps: int = 0
@@ -40,7 +45,7 @@ class TrainConfig:
     log_interval: int = 1
 
     def __post_init__(self):
-        check_choice("train.mode", self.mode, ("lm",))
+        check_choice("train.mode", self.mode, ("lm", "sft", "rl"))
         for name in ("steps", "seq_length", "micro_batch_size", "global_batch_size", "log_interval"):
             check_positive(f"train.{name}", getattr(self, name))
         check_positive("train.lr", self.lr)
@@ -50,7 +55,7 @@ class TrainConfig:
         check_range("train.adam_beta2", self.adam_beta2, 0.0, 1.0, high_open=True)
         check_positive("train.adam_eps", self.adam_eps)
         check_positive("train.ddp_bucket_size", self.ddp_bucket_size)
-        if self.global_batch_size % self.micro_batch_size:
+        if self.mode == "lm" and self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from megatron_longact.models.builder import build_model, unwrap, wrap_for_training
+from megatron_longact.models.builder import PARAMS_DTYPES, build_model, unwrap, wrap_for_training
 from megatron_longact.models.config import ModelConfig
 from megatron_longact.models.sharding import load_global_tensors, reference_init
 from megatron_longact.runtime import ParallelConfig
@@ -60,8 +60,7 @@ def optimizer_config(train_cfg: TrainConfig, model_cfg: ModelConfig):
         clip_grad=train_cfg.clip_grad,
         bf16=model_cfg.params_dtype == "bf16",
         fp16=model_cfg.params_dtype == "fp16",
-        params_dtype={"bf16": torch.bfloat16, "fp16": torch.float16,
-                      "fp32": torch.float32}[model_cfg.params_dtype],
+        params_dtype=PARAMS_DTYPES[model_cfg.params_dtype],
         use_distributed_optimizer=train_cfg.use_distributed_optimizer,
     )
 

@@ -1,0 +1,588 @@
+"""The SFT and RL trainer behind ``longact-train`` (modes ``sft`` and ``rl``).
+
+One optimizer step of RL (GRPO/DAPO family), every phase through megatron-core:
+1. rollouts: this data-parallel rank's prompts, ``rl.group_size`` responses each, sampled by the
+   policy itself (:func:`megatron_longact.generation.generate`, megatron's KV cache), LongAct
+   statistics paused;
+2. rewards from the task records (``rl.reward``), DAPO shaping (dynamic sampling, overlong
+   filtering and soft punishment) when configured, group advantages;
+3. old log-probs recomputed teacher-forced (so the first ratio is exactly 1);
+4. ``rl.ppo_epochs`` x ``rl.mini_batches`` optimizer steps of the policy loss through megatron's
+   forward-backward schedule, DDP and DistributedOptimizer, with LongAct statistics collected on
+   these update passes and its masks applied inside the optimizer.
+
+Loss normalization: each micro-batch's loss is its local sum divided by the *global* token (or
+response) count of the mini-batch, times the number of micro-batches and the data-parallel size,
+which undoes megatron's division by both; the gradient is then that of the whole mini-batch for
+every layout.
+
+Data order: record ``k`` of the stream is record ``perm_e[k mod N]`` of a permutation drawn from
+(``data.shuffle_seed``, epoch e); step ``t`` uses stream positions ``t*P .. t*P+P-1``. The
+position is a function of the step, so resuming at step t sees the same prompts.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_longact.config import ConfigError
+from megatron_longact.run_config import RunConfig
+
+ROUND = 16  # sequence lengths of a batch are padded to a multiple of this
+
+
+class RecordStream:
+    """Deterministic, resumable order over task records (see the module docstring)."""
+
+    def __init__(self, records: list[dict], seed: int):
+        if not records:
+            raise ConfigError("data: no records to train on")
+        self.records = records
+        self.seed = seed
+        self._perm_epoch = None
+        self._perm = None
+
+    def __getitem__(self, k: int) -> dict:
+        epoch, i = divmod(k, len(self.records))
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._perm = torch.randperm(len(self.records), generator=gen).tolist()
+            self._perm_epoch = epoch
+        return self.records[self._perm[i]]
+
+
+def load_records(cfg: RunConfig, tokenizer) -> list[dict]:
+    """The training records: generated (ruler) or read from a local JSONL/parquet file."""
+    from megatron_longact.data.jsonl import check_task_record, read_task_records
+
+    data = cfg.data
+    if data.source == "ruler":
+        from megatron_longact.tasks.ruler import generate_ruler
+
+        return generate_ruler(data.ruler, tokenizer, data.prompt)
+    if data.source == "jsonl":
+        return read_task_records(data.path)
+    import datasets
+
+    path = Path(data.path)
+    if not path.is_file():
+        raise ConfigError(f"data.path: {path} does not exist")
+    records = [dict(r) for r in datasets.load_dataset("parquet", data_files=str(path), split="train")]
+    for i, record in enumerate(records):
+        check_task_record(record, f"{path}: row {i}")
+    return records
+
+
+def _pad_batch(seqs: list[list[int]], pad_id: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    width = -(-width // ROUND) * ROUND
+    if width > max_len:
+        raise ConfigError(f"a batch needs {width} positions, more than model.max_position_embeddings="
+                          f"{max_len}; shorten the tasks or raise the limit")
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        valid[i, :len(s)] = True
+    return tokens, valid
+
+
+class Trainer:
+    """Runs ``cfg`` on this rank; construct after :func:`megatron_longact.runtime.initialize`."""
+
+    def __init__(self, cfg: RunConfig, runtime):
+        from megatron.core import parallel_state as ps
+
+        from megatron_longact.data.tokenizer import load_tokenizer
+        from megatron_longact.tasks.rewards import Reward
+        from megatron_longact.training.engine import setup_engine
+
+        self.cfg, self.runtime = cfg, runtime
+        self.rank0 = runtime.rank == 0
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"vocabulary ({self.tokenizer.vocab_size})")
+        self.reward = Reward(cfg.rl.reward)
+        self.stream = RecordStream(load_records(cfg, self.tokenizer), cfg.data.shuffle_seed)
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.sft_steps = cfg.sft.steps if cfg.train.mode == "rl" else cfg.train.steps
+        self.rl_steps = cfg.train.steps if cfg.train.mode == "rl" else 0
+        self.total_steps = self.sft_steps + self.rl_steps
+        train = cfg.train
+        self.engine = setup_engine(cfg.model, train, runtime.parallel)
+        self.handle = None
+        self.step = 0
+        self.out_dir = Path(cfg.output.dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
+        self.writer = None
+        self._stop = False
+        self.history: list[dict] = []
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _install_longact(self) -> None:
+        if self.handle is None and self.cfg.longact.enabled:
+            from megatron_longact.longact.optimizer import install
+
+            self.handle = install(self.engine.model, self.engine.optimizer, self.cfg.longact)
+
+    def _on_signal(self, signum, frame) -> None:
+        # SLURM sends SIGUSR1 (--signal) or SIGTERM before preemption: finish the step, save, exit.
+        self._stop = True
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _objects(self) -> dict:
+        return {"scheduler": self.engine.scheduler.state_dict(), "step": self.step,
+                "longact": self.handle.state_dict() if self.handle else None,
+                "python_random": random.getstate()}
+
+    def save(self) -> Path:
+        from megatron_longact import checkpoint
+
+        folder = checkpoint.save(self.ckpt_dir, self.step, self.engine.model, self.engine.optimizer,
+                                 self._objects(), keep=self.cfg.checkpoint.keep,
+                                 checksum=self.cfg.checkpoint.checksum)
+        if self.rank0:
+            print(f"checkpoint: saved step {self.step} to {folder}", flush=True)
+        return folder
+
+    def maybe_resume(self) -> None:
+        from megatron_longact import checkpoint
+
+        how = self.cfg.checkpoint.resume
+        if how == "none":
+            return
+        folder = checkpoint.latest_valid(self.ckpt_dir) if how == "auto" else Path(how)
+        if folder is None:
+            return
+        # The LongAct handle must exist before loading if the checkpoint is past the SFT phase.
+        manifest = checkpoint.verify(folder)
+        if manifest["step"] >= self.sft_steps:
+            self._install_longact()
+        objs = checkpoint.load(folder, self.engine.model, self.engine.optimizer,
+                               ["scheduler", "step", "longact", "python_random"])
+        self.engine.scheduler.load_state_dict(objs["scheduler"])
+        self.step = int(objs["step"])
+        if self.handle is not None and objs["longact"] is not None:
+            self.handle.load_state_dict(objs["longact"])
+        if self.rank0:
+            print(f"checkpoint: resumed from {folder} at step {self.step}", flush=True)
+
+    # -- SFT ---------------------------------------------------------------------------------
+    def sft_step(self) -> dict:
+        from megatron_longact.data.tokenizer import build_model_input, encode_completion
+        from megatron_longact.training.engine import reduce_last_stage_mean, train_step
+
+        cfg = self.cfg
+        per_rank = cfg.sft.batch_size // self.dp
+        base = self.step * cfg.sft.batch_size + self.dp_rank * per_rank
+        seqs, loss_masks = [], []
+        for i in range(per_rank):
+            rec = self.stream[base + i]
+            prompt = build_model_input(rec, self.tokenizer, cfg.data.prompt).ids
+            answer = encode_completion(rec["answer"], self.tokenizer)
+            seqs.append(prompt + answer)
+            loss_masks.append([0] * (len(prompt) - 1) + [1] * len(answer))
+        tokens, _ = _pad_batch(seqs, self.tokenizer.pad_id, cfg.model.max_position_embeddings)
+        mask = torch.zeros(tokens.shape[0], tokens.shape[1] - 1)
+        for i, m in enumerate(loss_masks):
+            mask[i, :len(m)] = torch.tensor(m, dtype=torch.float32)
+        labels = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), self.tokenizer.pad_id)], 1)
+        mask = torch.cat([mask, torch.zeros(tokens.shape[0], 1)], 1)
+        total = torch.tensor([mask.sum()], dtype=torch.float64)
+        if self.dp > 1:
+            dist.all_reduce(total, group=_dp_group())
+        mb = cfg.train.micro_batch_size
+        n_mb = math.ceil(per_rank / mb)
+        scale = n_mb * self.dp / float(total)
+        device = self.runtime.device
+        batches = [(tokens[j:j + mb].to(device), labels[j:j + mb].to(device), mask[j:j + mb].to(device))
+                   for j in range(0, per_rank, mb)]
+        if cfg.sft.lr is not None:
+            # Set after the scheduler's last update, read by this step's optimizer update.
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = cfg.sft.lr * group.get("lr_mult", 1.0)
+        out = train_step(self.engine, partial(_sft_forward_step, scale), iter(batches), len(batches),
+                         tokens.shape[1], mb)
+        loss = reduce_last_stage_mean([float(d["sft_loss"]) for d in out["losses"]])
+        return {"sft/loss": loss, "train/grad_norm": out["grad_norm"], "train/lr": out["lr"],
+                "perf/tokens": float(total)}
+
+    # -- RL ----------------------------------------------------------------------------------
+    def _rollout(self, records: list[dict], sample_base: int) -> dict:
+        """Generate ``group_size`` responses for each record; rewards and masks, on this rank."""
+        from megatron_longact.data.tokenizer import build_model_input
+        from megatron_longact.generation import ModelParallelGroups, SamplingConfig, generate
+        from megatron_longact.rl.dapo import soft_overlong_punishment
+
+        rl = self.cfg.rl
+        G = rl.group_size
+        prompts = [build_model_input(r, self.tokenizer, self.cfg.data.prompt).ids for r in records]
+        prompts = [p for p in prompts for _ in range(G)]
+        sampling = SamplingConfig(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
+                                  max_new_tokens=rl.max_new_tokens, seed=self.cfg.train.seed)
+        if self.handle is not None:
+            self.handle.set_collecting(False)
+        try:
+            gen = generate(self.engine.model[0], prompts, sampling, eos_id=self.tokenizer.eos_id,
+                           pad_id=self.tokenizer.pad_id, vocab_size=self.tokenizer.vocab_size,
+                           sample_ids=[sample_base + i for i in range(len(prompts))],
+                           groups=ModelParallelGroups.from_parallel_state())
+        finally:
+            if self.handle is not None:
+                self.handle.set_collecting(True)
+        texts = [self.tokenizer.decode(gen.response_ids(i)) for i in range(len(prompts))]
+        scores = torch.tensor([self.reward.score(t, records[i // G]) for i, t in enumerate(texts)])
+        rewards = torch.tensor([self.reward(t, records[i // G]) for i, t in enumerate(texts)])
+        if rl.overlong_buffer:
+            rewards = rewards + soft_overlong_punishment(gen.response_lengths, rl.max_new_tokens,
+                                                         rl.overlong_buffer)
+        return {"prompts": prompts, "gen": gen, "scores": scores, "rewards": rewards}
+
+    def _collect(self) -> dict:
+        """This rank's rollout batch for the step (with DAPO dynamic sampling when configured)."""
+        rl = self.cfg.rl
+        per_rank = rl.prompts_per_step // self.dp
+        rl_step = self.step - self.sft_steps
+        base = rl_step * rl.prompts_per_step + self.dp_rank * per_rank
+        offset = 10_000_019 * (self.sft_steps + 1)  # RL prompts come after the SFT ones
+        records = [self.stream[offset + base + i] for i in range(per_rank)]
+        sample_base = (self.step * rl.prompts_per_step + self.dp_rank * per_rank) * rl.group_size * 64
+        if not rl.dynamic_sampling:
+            batch = self._rollout(records, sample_base)
+            batch["records"] = records
+            batch["tries"] = 1
+            return batch
+        from megatron_longact.rl.dapo import DynamicSampler
+
+        tries = {"n": 0}
+
+        def sample_fn():
+            k = tries["n"]
+            tries["n"] += 1
+            recs = records if k == 0 else [
+                self.stream[offset + 5_000_011 * (k + 1) + base + i] for i in range(per_rank)]
+            b = self._rollout(recs, sample_base + k * per_rank * rl.group_size)
+            G = rl.group_size
+            groups = [{"record": recs[g], "rows": list(range(g * G, (g + 1) * G)), "batch": b}
+                      for g in range(len(recs))]
+            if k == 0:
+                first_try.extend(groups)
+            return groups, b["scores"].reshape(-1, G)
+
+        first_try: list[dict] = []
+        result = DynamicSampler(sample_fn, per_rank, rl.max_sampling_tries, allow_partial=True).sample()
+        kept = list(result.groups)
+        if len(kept) < per_rank:
+            # Every data-parallel rank must bring the same number of responses to the update. Top up
+            # with first-try groups that were dropped for equal rewards: their advantages are zero,
+            # so they add no gradient.
+            kept += [g for g in first_try if all(g is not k for k in kept)][:per_rank - len(kept)]
+        return self._merge_groups(kept, result.num_tries)
+
+    def _merge_groups(self, groups: list[dict], tries: int) -> dict:
+        """Reassemble rollout rows of kept groups (possibly from several tries) into one batch."""
+        from megatron_longact.generation import GenerationOutput
+
+        prompts, records, rows = [], [], []
+        for g in groups:
+            b = g["batch"]
+            records.append(g["record"])
+            for r in g["rows"]:
+                prompts.append(b["prompts"][r])
+                rows.append((b, r))
+        width = max(b["gen"].tokens.shape[1] for b, _ in rows)
+        n_resp = max(b["gen"].responses.shape[1] for b, _ in rows)
+
+        def stack(key, w, fill):
+            out = []
+            for b, r in rows:
+                t = getattr(b["gen"], key)[r]
+                if t.dim() == 1 and w is not None:
+                    t = torch.cat([t, torch.full((w - t.shape[0],), fill, dtype=t.dtype)])
+                out.append(t)
+            return torch.stack(out)
+
+        gen = GenerationOutput(
+            tokens=stack("tokens", width, self.tokenizer.pad_id),
+            prompt_lengths=stack("prompt_lengths", None, 0),
+            responses=stack("responses", n_resp, self.tokenizer.pad_id),
+            response_lengths=stack("response_lengths", None, 0),
+            log_probs=stack("log_probs", n_resp, 0.0),
+            truncated=stack("truncated", None, False))
+        return {"prompts": prompts, "gen": gen, "records": records, "tries": tries,
+                "scores": torch.stack([b["scores"][r] for b, r in rows]),
+                "rewards": torch.stack([b["rewards"][r] for b, r in rows])}
+
+    def rl_step(self) -> dict:
+        from megatron_longact.generation import ModelParallelGroups, sequence_log_probs
+        from megatron_longact.rl.advantages import compute_advantages
+        from megatron_longact.rl.batch_stats import global_batch_counts
+        from megatron_longact.rl.dapo import overlong_filter
+        from megatron_longact.training.engine import train_step
+
+        cfg, rl = self.cfg, self.cfg.rl
+        t0 = time.monotonic()
+        batch = self._collect()
+        gen = batch["gen"]
+        n = len(batch["prompts"])
+        t_rollout = time.monotonic() - t0
+
+        # Full sequences (prompt + response) and the response positions, in prediction space:
+        # column j of a [n, S-1] tensor is the prediction of token j+1.
+        seqs = [batch["prompts"][i] + gen.response_ids(i) for i in range(n)]
+        tokens, valid = _pad_batch(seqs, self.tokenizer.pad_id, cfg.model.max_position_embeddings)
+        S = tokens.shape[1]
+        resp_BS = torch.zeros(n, S, dtype=torch.bool)
+        for i in range(n):
+            p, r = len(batch["prompts"][i]), int(gen.response_lengths[i])
+            resp_BS[i, p:p + r] = True
+        resp_mask = resp_BS[:, 1:].float()
+        if rl.overlong_filter:
+            resp_mask = overlong_filter(resp_mask, gen.truncated.bool())
+        advantage_name = rl.advantage or ("dr_grpo" if rl.algorithm == "dr_grpo" else "grpo")
+        adv = compute_advantages(advantage_name, batch["rewards"].float(), rl.group_size)
+        old_lp = sequence_log_probs(self.engine.model[0], tokens.to(self.runtime.device),
+                                    vocab_size=self.tokenizer.vocab_size, temperature=rl.temperature,
+                                    micro_batch_size=cfg.train.micro_batch_size,
+                                    groups=ModelParallelGroups.from_parallel_state()).cpu()
+
+        loss_cfg = {k: getattr(rl, k) for k in ("clip_ratio", "clip_low", "clip_high", "clip_ratio_c",
+                                                "loss_agg_mode", "loss_scale_factor")
+                    if getattr(rl, k) is not None}
+        if rl.algorithm == "dr_grpo" and "loss_scale_factor" not in loss_cfg:
+            loss_cfg["loss_scale_factor"] = float(rl.max_new_tokens)
+        mb = cfg.train.micro_batch_size
+        per_mini = n // rl.mini_batches
+        metrics_acc: dict[str, list[float]] = {}
+        grad_norms = []
+        t1 = time.monotonic()
+        for _ in range(rl.ppo_epochs):
+            for m in range(rl.mini_batches):
+                rows = slice(m * per_mini, (m + 1) * per_mini)
+                counts = global_batch_counts(resp_mask[rows], _dp_group())
+                n_mb = math.ceil(per_mini / mb)
+                scale = n_mb * self.dp
+                device = self.runtime.device
+                mbs = []
+                for j in range(rows.start, rows.stop, mb):
+                    sl = slice(j, min(j + mb, rows.stop))
+                    mbs.append({k: v[sl].to(device) for k, v in dict(
+                        tokens=tokens, valid=valid, resp_BS=resp_BS, resp_mask=resp_mask,
+                        old_lp=old_lp, adv=adv).items()})
+                fwd = partial(_rl_forward_step, self.handle, rl.algorithm, loss_cfg,
+                              counts.loss_kwargs(), scale, self.tokenizer.vocab_size, rl.temperature)
+                out = train_step(self.engine, fwd, iter(mbs), len(mbs), S, mb)
+                grad_norms.append(out["grad_norm"])
+                for d in out["losses"]:
+                    for k, v in d.items():
+                        metrics_acc.setdefault(k, []).append(float(v))
+        t_update = time.monotonic() - t1
+        metrics = _reduce_metrics(metrics_acc)
+        scores, rewards = batch["scores"], batch["rewards"]
+        local = torch.tensor([scores.sum(), (scores >= 1.0).float().sum(), rewards.sum(),
+                              gen.response_lengths.float().sum(), float(n),
+                              float(valid.sum()), float(batch["tries"])], dtype=torch.float64)
+        if self.dp > 1:
+            dist.all_reduce(local, group=_dp_group())
+        count = float(local[4])
+        metrics.update({
+            "rl/score": float(local[0]) / count, "rl/accuracy": float(local[1]) / count,
+            "rl/reward": float(local[2]) / count, "rl/response_length": float(local[3]) / count,
+            "rl/sampling_tries": float(local[6]) / self.dp,
+            "train/grad_norm": sum(grad_norms) / len(grad_norms), "train/lr": out["lr"],
+            "perf/rollout_seconds": t_rollout, "perf/update_seconds": t_update,
+            "perf/tokens": float(local[5]),
+        })
+        return metrics
+
+    # -- evaluation --------------------------------------------------------------------------
+    def evaluate(self) -> dict | None:
+        from megatron.core import parallel_state as ps
+
+        from megatron_longact.data.tokenizer import encode_prompt_text
+        from megatron_longact.generation import ModelParallelGroups, SamplingConfig, generate
+        from megatron_longact.tasks.ruler import RulerConfig, generate_ruler
+        from megatron_longact.tasks.suite import EvalResults, evaluate, summarize, write_report
+
+        ev = self.cfg.evaluation
+        if not ev.lengths:
+            return None
+        base = self.cfg.data.ruler
+        rcfg = RulerConfig(tasks=list(ev.tasks), lengths=list(ev.lengths), num_samples=ev.num_samples,
+                           seed=ev.seed, template=base.template, number_digits=base.number_digits)
+        records = generate_ruler(rcfg, self.tokenizer, self.cfg.data.prompt)
+        n = len(records)
+        local = records[self.dp_rank * n // self.dp:(self.dp_rank + 1) * n // self.dp]
+        model, groups = self.engine.model[0], ModelParallelGroups.from_parallel_state()
+        if self.handle is not None:
+            self.handle.set_collecting(False)
+
+        def generate_fn(texts, max_new_tokens):
+            prompts = [encode_prompt_text(t, self.tokenizer, self.cfg.data.prompt) for t in texts]
+            out = generate(model, prompts, SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens),
+                           eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                           vocab_size=self.tokenizer.vocab_size, groups=groups)
+            return [self.tokenizer.decode(out.response_ids(i)) for i in range(len(texts))]
+
+        results = evaluate(local, generate_fn, tokenizer=self.tokenizer, prompt=self.cfg.data.prompt,
+                           batch_size=16, pass_max_new_tokens=True)
+        samples = results.samples
+        if self.dp > 1:
+            parts = [None] * self.dp
+            dist.all_gather_object(parts, samples, group=ps.get_data_parallel_group())
+            samples = [s for part in parts for s in part]
+        if self.handle is not None:
+            self.handle.set_collecting(True)
+        if not self.rank0:
+            return None
+        results = EvalResults(samples=samples, summary=summarize(samples))
+        paths = write_report(results, self.out_dir / "eval", log_dir=str(self.out_dir / "tb"),
+                             step=self.step, title=f"Evaluation after step {self.step}")
+        print(Path(paths["markdown"]).read_text(), flush=True)
+        return results.summary
+
+    # -- loop --------------------------------------------------------------------------------
+    def _log(self, metrics: dict, elapsed: float, bar) -> None:
+        self.history.append({"step": self.step, **metrics})
+        if not self.rank0:
+            return
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, self.step)
+        self.writer.add_scalar("perf/tokens_per_second", metrics.get("perf/tokens", 0.0) / max(elapsed, 1e-9),
+                               self.step)
+        if self.handle is not None and self.cfg.longact.heatmap_interval and \
+                self.step % self.cfg.longact.heatmap_interval == 0:
+            img = self.handle.longact.heatmap()
+            if img is not None:
+                self.writer.add_image("longact/saliency_heatmap", img, self.step, dataformats="HWC")
+        keys = ("sft/loss", "rl/reward", "rl/accuracy", "rl/response_length", "pg_loss",
+                "longact/kept_fraction_q", "train/grad_norm")
+        shown = "  ".join(f"{k.split('/')[-1]} {metrics[k]:.4f}" for k in keys if k in metrics)
+        bar.set_postfix_str(shown, refresh=False)
+        bar.update(1)
+        if self.step % self.cfg.train.log_interval == 0 or self.step == self.total_steps - 1:
+            bar.write(f"step {self.step + 1:>4}/{self.total_steps}  {shown}")
+
+    def run(self) -> list[dict]:
+        from tqdm import tqdm
+
+        if self.rank0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.out_dir / "tb"))
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            self.maybe_resume()
+            bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.rank0,
+                       dynamic_ncols=True, desc=self.cfg.train.mode)
+            while self.step < self.total_steps:
+                t0 = time.monotonic()
+                if self.step < self.sft_steps:
+                    metrics = self.sft_step()
+                else:
+                    self._install_longact()
+                    metrics = self.rl_step()
+                    if self.handle is not None:
+                        metrics.update(self.handle.metrics)
+                self._log(metrics, time.monotonic() - t0, bar)
+                self.step += 1
+                interval = self.cfg.checkpoint.interval
+                if self._stop_requested():
+                    if self.rank0:
+                        bar.write(f"stop requested by signal: saving at step {self.step} and exiting")
+                    self.save()
+                    return self.history
+                if interval and self.step % interval == 0 and self.step < self.total_steps:
+                    self.save()
+            bar.close()
+            if self.total_steps:
+                self.save()
+            summary = self.evaluate()
+            if self.rank0:
+                import json
+
+                (self.out_dir / "history.json").write_text(json.dumps(
+                    {"history": self.history, "evaluation": summary}, indent=1, default=float))
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if self.writer is not None:
+                self.writer.close()
+        return self.history
+
+
+def _dp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
+
+
+def _sft_forward_step(scale, data_iterator, model):
+    tokens, labels, mask = next(data_iterator)
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, position_ids, None, labels=labels)
+
+    def loss_func(output_tensor):
+        # Local sum / global token count, times (micro-batches x DP) to undo megatron's averaging;
+        # the mean of these values over micro-batches and DP ranks is the global per-token loss.
+        loss = (output_tensor.float() * mask).sum() * scale
+        return loss, {"sft_loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, temperature,
+                     data_iterator, model):
+    from megatron_longact.generation import vocab_parallel_log_probs
+    from megatron_longact.rl.losses import policy_loss
+
+    mb = next(data_iterator)
+    tokens = mb["tokens"]
+    if handle is not None:
+        handle.begin_microbatch(mb["valid"], mb["resp_BS"])
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, position_ids, None)
+
+    def loss_func(logits_BSV):
+        logp = vocab_parallel_log_probs(logits_BSV[:, :-1], tokens[:, 1:], vocab_size=vocab_size,
+                                        temperature=temperature)
+        loss, metrics = policy_loss(algorithm, logp, mb["old_lp"], mb["adv"], mb["resp_mask"],
+                                    **loss_cfg, **counts)
+        out = {k: v.detach().float().clone() for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        return loss * scale, out
+
+    return output, loss_func
+
+
+def _reduce_metrics(acc: dict[str, list[float]]) -> dict[str, float]:
+    """Mean of each per-micro-batch metric over micro-batches and DP ranks (last stage)."""
+    from megatron_longact.training.engine import reduce_last_stage_mean
+
+    names = sorted(acc) if acc else []
+    # Every rank of the last stage has the same names; other stages learn them by broadcast.
+    from megatron.core import parallel_state as ps
+
+    obj = [names]
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast_object_list(obj, src=ps.get_pipeline_model_parallel_last_rank(),
+                                   group=ps.get_pipeline_model_parallel_group())
+    out = {}
+    for name in obj[0]:
+        key = name if "/" in name else f"rl/{name}"
+        out[key] = reduce_last_stage_mean(acc.get(name, [0.0]))
+    return out

@@ -37,6 +37,10 @@ setup(
     entry_points={
         "console_scripts": [
             "longact-train=megatron_longact.cli.train:main",
+            "longact-convert=megatron_longact.cli.convert:main",
+            "longact-plan=megatron_longact.cli.plan:main",
+            "longact-eval=megatron_longact.cli.eval:main",
+            "longact-ablate=megatron_longact.cli.ablate:main",
         ],
     },
 )

@@ -2,11 +2,14 @@
 
     longact-convert hf-to-mcore HF_DIR OUT_DIR [--family qwen3|qwen2|llama3] [model.key=value ...]
     longact-convert mcore-to-hf CKPT_DIR OUT_DIR [--max-shard-size 5GB]
+    longact-convert mcore-to-hf RUN_DIR/checkpoints/step_N OUT_DIR --config RUN.yaml --hf-source HF_DIR
 
 hf-to-mcore runs in one process (TP=PP=1) and the checkpoint loads under any TP/PP; under
 torchrun with ``--tp``/``--pp`` each rank converts only its stage and shard, which splits the
-host memory a 70B conversion needs. mcore-to-hf runs in one process. Supported: Qwen3 (dense),
-Qwen2/Qwen2.5 and Llama 3 safetensors checkpoints.
+host memory a 70B conversion needs. mcore-to-hf runs in one process; it reads a checkpoint written
+by hf-to-mcore, or the model weights of a training checkpoint (with the run config that says which
+model it holds and, optionally, the Hugging Face folder the run started from for config.json and
+the tokenizer). Supported: Qwen3 (dense), Qwen2/Qwen2.5 and Llama 3 safetensors checkpoints.
 """
 
 from __future__ import annotations
@@ -41,9 +44,14 @@ def parse_args(argv=None):
     a.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the conversion run")
     a.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     a.add_argument("overrides", nargs="*",
-                   help="ModelConfig fields HF does not describe, e.g. model.make_vocab_size_divisible_by=256")
+                   help="ModelConfig fields HF does not describe, "
+                        "e.g. model.make_vocab_size_divisible_by=256")
     b = sub.add_parser("mcore-to-hf", help="megatron distributed checkpoint -> Hugging Face folder")
-    b.add_argument("src", help="checkpoint folder written by hf-to-mcore")
+    b.add_argument("src", help="checkpoint folder written by hf-to-mcore, or a training checkpoint")
+    b.add_argument("--config", default=None,
+                   help="run (or model) config YAML; needed for a training checkpoint")
+    b.add_argument("--hf-source", default=None,
+                   help="Hugging Face folder whose config.json and tokenizer files to reuse")
     b.add_argument("dst", help="output Hugging Face folder")
     b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -77,10 +85,19 @@ def main(argv=None) -> int:
             hf.check_complete(cfg)
             cfg.check_layout(args.tp, args.pp)
         else:
-            from megatron_longact.convert.checkpoint import read_meta
+            from megatron_longact.convert.checkpoint import META_FILE, read_meta
+            from megatron_longact.run_config import load_run_config
 
             max_shard = parse_size(args.max_shard_size)
-            read_meta(args.src)
+            model_cfg = load_run_config(args.config).model if args.config else None
+            if (Path(args.src) / META_FILE).is_file():
+                read_meta(args.src)
+            elif model_cfg is None:
+                raise ConfigError(f"{args.src}: no {META_FILE}, so not written by hf-to-mcore; for a "
+                                  "training checkpoint pass --config with the run config")
+            elif not (Path(args.src) / "metadata.json").is_file():
+                raise ConfigError(f"{args.src}: no metadata.json; expected a megatron distributed "
+                                  "checkpoint")
             parallel = ParallelConfig()
             if read_dist_env().world_size != 1:
                 raise ConfigError("mcore-to-hf runs in one process; start it without torchrun/srun")
@@ -99,14 +116,16 @@ def main(argv=None) -> int:
             cfg = hf_to_mcore(args.src, args.dst, runtime.parallel, family=args.family,
                               model_overrides=overrides, overwrite=args.overwrite)
         else:
-            cfg = mcore_to_hf(args.src, args.dst, runtime.parallel, max_shard_bytes=max_shard,
+            cfg = mcore_to_hf(args.src, args.dst, runtime.parallel, model_cfg=model_cfg,
+                              hf_source_dir=args.hf_source, max_shard_bytes=max_shard,
                               overwrite=args.overwrite)
     finally:
         destroy()
     if runtime.rank == 0:
-        print(f"longact-convert: {args.command} {cfg.family} {cfg.num_layers} layers, "
-              f"{cfg.num_parameters() / 1e9:.3f} B parameters (padded vocab {cfg.padded_vocab_size}) "
-              f"-> {args.dst}", flush=True)
+        n = cfg.num_parameters()
+        size = f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+        print(f"longact-convert: {args.command} {cfg.family} {cfg.num_layers} layers, {size} "
+              f"parameters (padded vocab {cfg.padded_vocab_size}) -> {args.dst}", flush=True)
     return 0
 
 

@@ -5,6 +5,15 @@ writes and reads megatron distributed checkpoints of the model weights and drive
 conversions behind ``longact-convert``.
 """
 
+from megatron_longact.convert.checkpoint import (
+    hf_to_mcore,
+    load_dist_weights,
+    load_hf_weights,
+    load_model_weights,
+    mcore_to_hf,
+    read_meta,
+    save_model_weights,
+)
 from megatron_longact.convert.hf import (
     HFCheckpoint,
     fuse_qkv,
@@ -17,6 +26,13 @@ from megatron_longact.convert.hf import (
 
 __all__ = [
     "HFCheckpoint",
+    "hf_to_mcore",
+    "load_dist_weights",
+    "load_hf_weights",
+    "load_model_weights",
+    "mcore_to_hf",
+    "read_meta",
+    "save_model_weights",
     "fuse_qkv",
     "global_to_hf",
     "hf_config_from_model_config",

@@ -137,24 +137,32 @@ def save_model_weights(gpt_model, ckpt_dir: str | Path, cfg: ModelConfig, *, sou
     return final
 
 
+def load_dist_weights(gpt_model, weights_dir: str | Path) -> None:
+    """Load the ``"model"`` entry of any megatron distributed checkpoint at ``weights_dir`` into
+    ``gpt_model``: a weights checkpoint's ``weights/`` folder or a training checkpoint
+    (:mod:`megatron_longact.checkpoint` stores the model under the same key; its optimizer and
+    other entries are not read). A tensor the model needs and the checkpoint lacks is an error."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    if not (Path(weights_dir) / "metadata.json").is_file():
+        raise ConfigError(f"{weights_dir}: no metadata.json; expected a megatron distributed checkpoint")
+    # A fresh sharded state dict: save() rewrites the one it is given in place.
+    loaded = dist_checkpointing.load({"model": gpt_model.sharded_state_dict()}, str(weights_dir),
+                                     strict=StrictHandling.RAISE_UNEXPECTED)
+    gpt_model.load_state_dict(loaded["model"], strict=True)
+
+
 def load_model_weights(gpt_model, ckpt_dir: str | Path, cfg: ModelConfig | None = None) -> ModelConfig:
     """Load a weights checkpoint into ``gpt_model`` (any TP/PP layout; every rank calls this).
 
     With ``cfg`` (the model's config), the stored shape is checked against it first. Returns the
-    stored ModelConfig. A tensor the model needs and the checkpoint lacks is an error; tensors the
-    checkpoint has beyond the model's are ignored.
+    stored ModelConfig.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
     stored, _ = read_meta(ckpt_dir)
     if cfg is not None:
         check_compatible(stored, cfg, str(ckpt_dir))
-    # A fresh sharded state dict: save() rewrites the one it is given in place.
-    loaded = dist_checkpointing.load({"model": gpt_model.sharded_state_dict()},
-                                     str(Path(ckpt_dir) / WEIGHTS_DIR),
-                                     strict=StrictHandling.RAISE_UNEXPECTED)
-    gpt_model.load_state_dict(loaded["model"], strict=True)
+    load_dist_weights(gpt_model, Path(ckpt_dir) / WEIGHTS_DIR)
     return stored
 
 
@@ -204,19 +212,37 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfi
 
 
 def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig, *,
+                model_cfg: ModelConfig | None = None, hf_source_dir: str | Path | None = None,
                 max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> ModelConfig:
-    """Write a weights checkpoint back as a Hugging Face folder (safetensors, config.json, and the
-    tokenizer files kept at conversion). One process, TP=PP=1: the whole model is built in host
-    memory (2 bytes per parameter in bf16), the HF tensors are written shard by shard."""
+    """Write model weights as a Hugging Face folder (safetensors, config.json, tokenizer files).
+
+    ``ckpt_dir`` is a weights checkpoint (it names its model and keeps the source config.json and
+    tokenizer files), or any megatron distributed checkpoint holding ``{"model": ...}``, such as a
+    training checkpoint ``step_N``; then ``model_cfg`` says what model it holds, and
+    ``hf_source_dir`` (the Hugging Face folder the run started from) supplies config.json and the
+    tokenizer; without it a config.json is generated. One process, TP=PP=1: the whole model is built
+    in host memory (2 bytes per parameter in bf16), the HF tensors are written shard by shard."""
     from megatron_longact.models.builder import build_model
 
     if _world() != 1:
         raise ConfigError(f"mcore-to-hf runs in one process; got a world of {_world()} ranks")
-    cfg, meta = read_meta(ckpt_dir)
+    if (Path(ckpt_dir) / META_FILE).is_file():
+        cfg, _ = read_meta(ckpt_dir)
+        if model_cfg is not None:
+            check_compatible(cfg, model_cfg, str(ckpt_dir))
+        weights = Path(ckpt_dir) / WEIGHTS_DIR
+        src_hf = Path(hf_source_dir) if hf_source_dir is not None else Path(ckpt_dir) / HF_DIR
+    else:
+        if model_cfg is None:
+            raise ConfigError(f"{ckpt_dir}: no {META_FILE}, so the model is unknown; pass the run "
+                              "config (--config) that trained it")
+        cfg, weights = model_cfg, Path(ckpt_dir)
+        src_hf = Path(hf_source_dir) if hf_source_dir is not None else None
     model, _ = build_model(_converter_model_config(cfg), parallel)
-    load_model_weights(model, ckpt_dir, cfg)
-    src_hf = Path(ckpt_dir) / HF_DIR
-    base = json.loads((src_hf / "config.json").read_text()) if (src_hf / "config.json").is_file() else None
+    load_dist_weights(model, weights)
+    base = None
+    if src_hf is not None and (src_hf / "config.json").is_file():
+        base = json.loads((src_hf / "config.json").read_text())
     hf_config = hfmap.hf_config_from_model_config(cfg, base)
 
     final = Path(out_dir).absolute()
@@ -232,7 +258,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, parallel: ParallelCon
         writer.add(name, tensor)
     writer.close()
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    for name in hfmap.AUX_FILES:
+    for name in hfmap.AUX_FILES if src_hf is not None else ():
         if (src_hf / name).is_file():
             shutil.copy2(src_hf / name, staging / name)
     publish(staging, final, overwrite)

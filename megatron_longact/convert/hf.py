@@ -111,7 +111,8 @@ def model_config_from_hf(hf_config: Mapping, family: str | None = None, **overri
     if act != "silu":
         raise ConfigError(f"config.json: hidden_act {act!r} is not supported; expected 'silu' (SwiGLU)")
     if hf.get("mlp_bias"):
-        raise ConfigError("config.json: mlp_bias true is not supported (megatron layers have no MLP bias here)")
+        raise ConfigError("config.json: mlp_bias true is not supported (the megatron layers built "
+                          "here have no MLP bias)")
     if family in ("qwen3", "llama3") and hf.get("attention_bias"):
         raise ConfigError(f"config.json: attention_bias true is not supported for family {family}; "
                           "only Qwen2 (family qwen2) has a QKV bias")

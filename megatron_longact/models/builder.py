@@ -45,6 +45,12 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig):
                      parallel.context_parallel_size)
     dtype = PARAMS_DTYPES[cfg.params_dtype]
     cpu = not torch.cuda.is_available()
+    fp8 = {}
+    if cfg.fp8 != "none":
+        if not use_transformer_engine(cfg):
+            raise ConfigError("model.fp8: FP8 runs through Transformer Engine, which is not importable "
+                              "here (or CUDA is missing); install transformer-engine[pytorch]")
+        fp8 = dict(fp8=cfg.fp8, fp8_recipe="delayed")
     recompute = {}
     if cfg.recompute == "selective":
         recompute = dict(recompute_granularity="selective")
@@ -84,6 +90,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig):
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         **recompute,
+        **fp8,
     )
 
 

@@ -48,6 +48,9 @@ class ModelConfig:
     """Layer spec: auto uses Transformer Engine when it is importable and CUDA is present."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation (megatron's recompute_granularity)."""
+    fp8: Literal["none", "hybrid", "e4m3"] = "none"
+    """FP8 compute through Transformer Engine (delayed scaling) with BF16 primary weights; needs
+    the Transformer Engine layer spec and CUDA. FP8 primary weights are not supported by LongAct."""
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -57,6 +60,11 @@ class ModelConfig:
         check_positive("model.rotary_base", self.rotary_base)
         check_positive("model.norm_epsilon", self.norm_epsilon)
         check_choice("model.family", self.family, ("qwen3", "qwen2", "llama3"))
+        check_choice("model.fp8", self.fp8, ("none", "hybrid", "e4m3"))
+        if self.fp8 != "none" and self.transformer_impl == "local":
+            raise ConfigError("model.fp8: FP8 needs transformer_impl 'transformer_engine' or 'auto', not 'local'")
+        if self.fp8 != "none" and self.params_dtype != "bf16":
+            raise ConfigError(f"model.fp8: FP8 compute expects params_dtype bf16, got {self.params_dtype}")
         if self.num_attention_heads % self.num_query_groups != 0:
             raise ConfigError(
                 f"model.num_query_groups: {self.num_query_groups} must divide "

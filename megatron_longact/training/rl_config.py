@@ -22,8 +22,8 @@ class DataConfig:
     file of task records (read through ``datasets`` for parquet)."""
     path: str | None = None
     """Local file for jsonl/parquet."""
-    ruler: RulerConfig = field(default_factory=lambda: RulerConfig(
-        tasks=["niah_single_1"], lengths=[160], num_samples=256, template="compact", number_digits=3))
+    ruler: RulerConfig = field(default_factory=RulerConfig)
+    """Generator settings for source ruler (and the task template of the final evaluation)."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     shuffle_seed: int = 0
@@ -126,6 +126,9 @@ class CheckpointConfig:
     fresh; or a checkpoint folder."""
     checksum: bool = False
     """Record CRC32s in the manifest and check them on load (reads every file once more)."""
+    load_weights: str | None = None
+    """Initial weights: a folder written by ``longact-convert hf-to-mcore`` (any TP/PP layout).
+    Used when the run starts fresh; a resumed run takes everything from its checkpoint."""
 
     def __post_init__(self):
         check_positive("checkpoint.interval", self.interval, allow_zero=True)

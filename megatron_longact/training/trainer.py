@@ -119,6 +119,12 @@ class Trainer:
         self.total_steps = self.sft_steps + self.rl_steps
         train = cfg.train
         self.engine = setup_engine(cfg.model, train, runtime.parallel)
+        if cfg.checkpoint.load_weights:
+            from megatron_longact.convert.checkpoint import load_model_weights
+
+            load_model_weights(self.engine.gpt_models[0], cfg.checkpoint.load_weights, cfg.model)
+            # The optimizer's fp32 main weights were copied from the model at construction.
+            self.engine.optimizer.reload_model_params()
         self.handle = None
         self.step = 0
         self.out_dir = Path(cfg.output.dir)

@@ -1,0 +1,441 @@
+"""Dry-run planner: check a run's parallel layout and estimate its per-GPU memory before queueing.
+
+:func:`make_plan` validates the layout of a :class:`RunConfig` on ``nodes x gpus_per_node`` GPUs
+(world size, divisibility of heads, groups, FFN, layers and vocabulary, context parallelism against
+the sequence length, the batch) and estimates the memory of the fullest GPU; :func:`format_plan`
+prints it. ``longact-plan`` is the command line.
+
+Memory model (bytes per GPU; all of it is an estimate, stated so that it can be checked):
+
+* Parameters of one rank, counted exactly for the layers megatron builds (see
+  :func:`rank_parameters`; the tests compare it with built models): weights in ``params_dtype``
+  (bf16: 2 B).
+* Gradients: megatron DDP's contiguous buffer, 4 B per parameter with ``grad_reduce_in_fp32`` (the
+  default of :func:`megatron_longact.models.builder.wrap_for_training`), else the parameter size.
+  The buffer is full size on every rank; the distributed optimizer reduce-scatters into it.
+* Optimizer: fp32 main weights + Adam ``exp_avg`` + ``exp_avg_sq`` = 12 B per parameter for bf16
+  weights (8 B for fp32 weights, which are their own main copy), divided by DP x CP with the
+  distributed optimizer (megatron shards over the data-parallel group with context parallelism).
+* FP8 (Transformer Engine, delayed scaling): +2 B per linear-layer parameter for the FP8 weight
+  and its transpose; the inputs TE saves for the backward of a linear layer are FP8 (1 B).
+* Activations per transformer layer and micro-batch (Korthikanti et al. 2022, "Reducing
+  activation recomputation in large transformer models", redone for SwiGLU, GQA, QK-norm and no
+  dropout), with s' = seq_length / CP tokens per rank, b = micro_batch_size, divided by TP (with
+  sequence parallelism every term is split over TP):
+
+      2 s'b h   (input norm in) + 2 s'b h (QKV in) + 2 s'b (nh + 2 ng) hn (q, k, v)
+    + 2 s'b (nh + ng) hn (QK-norm in, Qwen3) + 2 s'b nh hn (attention out) + 4 s'b nh (softmax lse)
+    + 2 s'b h (pre-MLP norm in) + 2 s'b h (fc1 in) + 4 s'b f (fc1 out) + 2 s'b f (fc2 in)
+
+  For GPT's shape (MHA, 4h GeLU MLP) the same count gives 32 s'bh, the paper's 34 s'bh less its two
+  dropout masks. Attention is assumed flash/cuDNN fused (no s^2 term), as Transformer Engine runs
+  it on H100; so ``selective`` recomputation (megatron recomputes core attention) saves nothing
+  more and is estimated like ``none``. ``full`` (uniform, one layer per checkpoint) keeps only each
+  layer's input (2 s'bh / TP) plus one layer's full activations while that layer recomputes.
+  With the 1F1B pipeline schedule stage i holds min(PP - i, micro-batches) micro-batches in
+  flight. The last stage adds the logits of one micro-batch: 8 B per vocab-parallel logit (the bf16
+  output, the fp32 copy that megatron's vocab-parallel cross entropy keeps as softmax for the
+  backward, the bf16 gradient).
+* LongAct: persistent per-channel fp32 statistics (accumulator and EMA, Q and K) and bool masks
+  (current and previous), a few MB; and, at the optimizer step with ``apply_to=update``, a bool
+  element mask over this rank's shard of each ``linear_qkv`` main weight (2 B per element with its
+  expansion) plus fp32 snapshots of the frozen entries of the main weight and both Adam moments
+  (12 B x (1 - keep_ratio) x the Q/K rows' share of the shard).
+* Optional: a KL reference model (bf16 weights, same sharding, no gradients or optimizer state;
+  implied by ``rl.kl_coef > 0`` when the run config has an rl section),
+  and a rollout KV cache (2 x layers of the stage x tokens x key/value groups / TP x head dim x 2 B
+  per sequence; generation is not split over CP).
+* Fixed reserve for the CUDA context, NCCL buffers and library workspaces (default 4 GiB), and a
+  fraction of the device kept free for allocator fragmentation (default 10%).
+
+Peak = static (weights, gradients, optimizer, FP8 copies, reference model, LongAct persistent
+state, reserve) + the largest of the phases that do not overlap: forward/backward activations,
+the optimizer step's LongAct transients, the rollout KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from megatron_longact.config import ConfigError
+from megatron_longact.longact.config import LongActConfig
+from megatron_longact.models.config import ModelConfig
+from megatron_longact.run_config import RunConfig
+
+GiB = 2**30
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass
+class PlanOptions:
+    """What the run config does not say (yet) but memory depends on."""
+
+    gpu_memory_gib: float = 80.0
+    """Device memory (H100 SXM: 80 GiB; megatron sees ~79.1 GiB after the CUDA context)."""
+    reserve_gib: float = 4.0
+    """CUDA context, NCCL communicator buffers, cuBLAS/cuDNN workspaces."""
+    fragmentation: float = 0.10
+    """Fraction of the device kept free for the caching allocator's fragmentation."""
+    fp8: bool = False
+    """Transformer Engine FP8 linear layers (hybrid E4M3/E5M2, delayed scaling)."""
+    grad_reduce_in_fp32: bool = True
+    reference_model: bool = False
+    """A frozen KL reference policy kept on the GPUs (GRPO with a KL term)."""
+    rollout_sequences: int = 0
+    """Sequences of ``seq_length`` tokens generated at once per data-parallel replica (KV cache);
+    0 leaves the rollout phase out."""
+    longact_enabled: bool = True
+    """False plans without LongAct's state whatever the config says."""
+    longact: LongActConfig | None = None
+    """LongAct settings; None takes the run config's ``longact`` section, or LongActConfig's
+    defaults (keep ratio 0.3, exact freeze of the update) when the config has none."""
+
+    def __post_init__(self):
+        if self.gpu_memory_gib <= 0:
+            raise ConfigError(f"gpu_memory_gib: got {self.gpu_memory_gib}, expected a number > 0")
+        if not 0 <= self.fragmentation < 1:
+            raise ConfigError(f"fragmentation: got {self.fragmentation}, expected a value in [0, 1)")
+        if self.rollout_sequences < 0:
+            raise ConfigError(f"rollout_sequences: got {self.rollout_sequences}, expected >= 0")
+
+
+@dataclass
+class StageMemory:
+    """Bytes on one GPU of pipeline stage ``stage`` (every TP/CP/DP rank of a stage is alike)."""
+
+    stage: int
+    parameters: int
+    static: dict[str, int]
+    """Held through the whole step."""
+    phases: dict[str, int]
+    """Phases that do not overlap; the largest one adds to the static part."""
+
+    @property
+    def static_total(self) -> int:
+        return sum(self.static.values())
+
+    @property
+    def peak(self) -> int:
+        return self.static_total + max(self.phases.values())
+
+
+@dataclass
+class Plan:
+    world_size: int
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    sequence_parallel: bool
+    stages: list[StageMemory]
+    numbers: dict[str, str]
+    """Step-time-independent numbers, already formatted, in print order."""
+    warnings: list[str]
+    usable_bytes: int
+    device_bytes: int
+
+    @property
+    def worst(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.peak)
+
+    @property
+    def fits(self) -> bool:
+        return self.worst.peak <= self.usable_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts
+# ---------------------------------------------------------------------------------------------
+
+def layer_parameters(cfg: ModelConfig, tp: int = 1) -> dict[str, int]:
+    """Parameters of one transformer layer on one TP rank, by kind (``linear`` are the matrices
+    Transformer Engine runs in FP8; ``qkv`` is the fused QKV weight and bias)."""
+    h, f, hn = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
+    nh, ng = cfg.num_attention_heads, cfg.num_query_groups
+    qkv_rows = (nh + 2 * ng) * hn
+    qkv = qkv_rows * h // tp + (qkv_rows // tp if cfg.add_qkv_bias else 0)
+    linear = qkv_rows * h // tp + nh * hn * h // tp + 3 * f * h // tp
+    replicated = 2 * h + (2 * hn if cfg.qk_layernorm else 0)  # norms are not split over TP
+    total = linear + (qkv_rows // tp if cfg.add_qkv_bias else 0) + replicated
+    return {"total": total, "linear": linear, "qkv": qkv}
+
+
+def rank_parameters(cfg: ModelConfig, tp: int, pp: int, stage: int) -> int:
+    """Exact parameter count of one tensor-parallel rank of pipeline stage ``stage``, as megatron
+    builds it: the stage's layers, the vocab-parallel embedding on the first stage, the final norm
+    and output layer on the last. With tied embeddings and PP > 1 the last stage holds its own
+    copy of the embedding as output layer (megatron keeps the two in sync)."""
+    per_layer = layer_parameters(cfg, tp)["total"]
+    n = cfg.num_layers // pp * per_layer
+    vocab = cfg.padded_vocab_size * cfg.hidden_size // tp
+    if stage == 0:
+        n += vocab
+    if stage == pp - 1:
+        n += cfg.hidden_size
+        if not cfg.tie_word_embeddings or pp > 1:
+            n += vocab
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout checks
+# ---------------------------------------------------------------------------------------------
+
+def check_layout(run: RunConfig, nodes: int, gpus_per_node: int):
+    """The resolved ParallelConfig, or ConfigError naming what does not divide. Adds to
+    :meth:`RunConfig.check_layout` what only matters on the GPU cluster: sequence parallelism's
+    and context parallelism's requirements on the sequence length."""
+    if nodes < 1 or gpus_per_node < 1:
+        raise ConfigError(f"--nodes {nodes} --gpus-per-node {gpus_per_node}: both must be >= 1")
+    world = nodes * gpus_per_node
+    parallel = run.check_layout(world)
+    tp, cp = parallel.tensor_model_parallel_size, parallel.context_parallel_size
+    seq = run.train.seq_length
+    if cp > 1 and seq % (2 * cp):
+        raise ConfigError(
+            f"train.seq_length: {seq} is not divisible by 2 x parallel.context_parallel_size = "
+            f"{2 * cp}; megatron's load-balanced context parallelism cuts each sequence into 2 x CP chunks")
+    sp = parallel.sequence_parallel
+    if sp is None:
+        sp = tp > 1  # what initialize() chooses on CUDA
+    if sp and (seq // cp) % tp:
+        raise ConfigError(
+            f"train.seq_length: {seq} / context_parallel_size {cp} = {seq // cp} tokens per rank is "
+            f"not divisible by tensor_model_parallel_size={tp}, which sequence parallelism needs")
+    return dataclasses.replace(parallel, sequence_parallel=sp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+
+def layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, *, sequence_parallel: bool = True,
+                           fp8: bool = False) -> int:
+    """Bytes one transformer layer keeps for its backward, for ``tokens`` tokens (s' x b) on one
+    TP rank, without recomputation (formula in the module docstring)."""
+    h, f, hn = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
+    nh, ng = cfg.num_attention_heads, cfg.num_query_groups
+    lin_in = 1 if fp8 else 2  # bytes of a saved linear-layer input
+    # Residual-stream tensors: split over TP only with sequence parallelism.
+    seq_split = tp if sequence_parallel else 1
+    norm_inputs = 2 * 2 * tokens * h // seq_split
+    linear_inputs_h = 2 * lin_in * tokens * h // seq_split  # QKV in, fc1 in
+    heads = (2 * (nh + 2 * ng) * hn + (2 * (nh + ng) * hn if cfg.qk_layernorm else 0)
+             + 2 * nh * hn + (lin_in * nh * hn if fp8 else 0) + 4 * nh) * tokens // tp
+    mlp = (4 * f + lin_in * f) * tokens // tp
+    return norm_inputs + linear_inputs_h + heads + mlp
+
+
+def _longact_bytes(cfg: ModelConfig, la: LongActConfig | None, tp: int, pp: int, shard: int,
+                   tokens: int) -> tuple[int, int, int]:
+    """(persistent, optimizer-step transient, forward transient) bytes of LongAct on one rank."""
+    if la is None or not la.enabled:
+        return 0, 0, 0
+    L, hn = cfg.num_layers, cfg.kv_channels
+    channels = (cfg.num_attention_heads + cfg.num_query_groups) * hn
+    persistent = L * channels * (4 * 4 + 4 * 1)  # accumulator + EMA (fp32, Q and K), 4 bool masks
+    step = 0
+    if la.apply_to == "update" and la.strategy != "none":
+        qkv = layer_parameters(cfg, tp)["qkv"] * (cfg.num_layers // pp) // shard
+        qk_share = (cfg.num_attention_heads + cfg.num_query_groups) / (
+            cfg.num_attention_heads + 2 * cfg.num_query_groups)
+        step = 2 * qkv + int(12 * (1 - la.keep_ratio) * qk_share * qkv)
+    forward = 4 * tokens * channels // tp  # |q|, |k| of one layer in fp32 while its hook runs
+    return persistent, step, forward
+
+
+def stage_memory(run: RunConfig, parallel, stage: int, opts: PlanOptions) -> StageMemory:
+    cfg, train = run.model, run.train
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    cp, dp = parallel.context_parallel_size, parallel.data_parallel_size
+    sp = bool(parallel.sequence_parallel)
+    n = rank_parameters(cfg, tp, pp, stage)
+    pbytes = _DTYPE_BYTES[cfg.params_dtype]
+    layers = cfg.num_layers // pp
+    shard = dp * cp if train.use_distributed_optimizer else 1
+    items: dict[str, int] = {}
+    items["weights"] = n * pbytes
+    items["gradients"] = n * (4 if opts.grad_reduce_in_fp32 else pbytes)
+    items["optimizer"] = math.ceil(n * (12 if pbytes == 2 else 8) / shard)
+    if opts.fp8:
+        items["fp8 weight copies"] = 2 * layers * layer_parameters(cfg, tp)["linear"]
+    if opts.reference_model:
+        items["reference model"] = n * 2
+    tokens = train.seq_length // cp * train.micro_batch_size
+    la_persistent, la_step, la_forward = _longact_bytes(cfg, opts.longact, tp, pp, shard, tokens)
+    items["longact state"] = la_persistent
+    items["reserve"] = int(opts.reserve_gib * GiB)
+
+    # Forward/backward activations.
+    num_mb = train.num_microbatches(dp)
+    in_flight = min(pp - stage, num_mb)
+    full_layer = layer_activation_bytes(cfg, tokens, tp, sequence_parallel=sp, fp8=opts.fp8)
+    seq_split = tp if sp else 1
+    if cfg.recompute == "full":
+        stored = in_flight * layers * 2 * tokens * cfg.hidden_size // seq_split
+        activations = stored + full_layer
+    else:
+        activations = in_flight * layers * full_layer
+    if stage == pp - 1:
+        activations += 8 * tokens * cfg.padded_vocab_size // tp
+    activations += la_forward
+    phases = {"activations": activations, "optimizer step (longact)": la_step}
+    if opts.rollout_sequences:
+        kv = kv_cache_bytes_per_sequence(cfg, train.seq_length, tp, pp)
+        phases["rollout kv cache"] = kv * opts.rollout_sequences
+    return StageMemory(stage=stage, parameters=n, static=items, phases=phases)
+
+
+def kv_cache_bytes_per_sequence(cfg: ModelConfig, seq_length: int, tp: int, pp: int) -> int:
+    """bf16 K and V of one sequence of ``seq_length`` tokens for one stage's layers on one TP rank
+    (key/value groups are split over TP, or replicated when there are fewer groups than ranks)."""
+    groups = max(cfg.num_query_groups // tp, 1)
+    return 2 * (cfg.num_layers // pp) * seq_length * groups * cfg.kv_channels * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def _fmt_bytes(n: float) -> str:
+    if n >= 2**40:
+        return f"{n / 2**40:.2f} TiB"
+    if n >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def make_plan(run: RunConfig, nodes: int, gpus_per_node: int, opts: PlanOptions | None = None) -> Plan:
+    """Validate ``run`` on ``nodes x gpus_per_node`` GPUs and estimate memory and step numbers.
+    Raises ConfigError for a layout that cannot run at all; a layout that runs but does not fit
+    in memory returns a plan with ``fits`` False."""
+    opts = opts or PlanOptions()
+    if not opts.longact_enabled:
+        opts = dataclasses.replace(opts, longact=None)
+    elif opts.longact is None:
+        opts = dataclasses.replace(opts, longact=getattr(run, "longact", None) or LongActConfig())
+    rl = getattr(run, "rl", None)
+    if rl is not None and getattr(rl, "kl_coef", 0.0) > 0:  # a KL term needs the reference policy
+        opts = dataclasses.replace(opts, reference_model=True)
+    parallel = check_layout(run, nodes, gpus_per_node)
+    cfg, train = run.model, run.train
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    cp, dp = parallel.context_parallel_size, parallel.data_parallel_size
+    world = nodes * gpus_per_node
+    warnings = []
+    if tp > gpus_per_node:
+        warnings.append(f"tensor_model_parallel_size={tp} spans nodes ({gpus_per_node} GPUs per node): "
+                        "TP all-reduces would cross the inter-node network")
+    num_mb = train.num_microbatches(dp)
+    if pp > 1 and num_mb < pp:
+        warnings.append(f"{num_mb} micro-batches per step for {pp} pipeline stages: most of each "
+                        "step is pipeline bubble; raise train.global_batch_size")
+    needs_te = [what for what, on in (("context parallelism", cp > 1), ("FP8", opts.fp8)) if on]
+    if needs_te:
+        warnings.append(f"{' and '.join(needs_te)} need{'s' if len(needs_te) == 1 else ''} "
+                        "Transformer Engine on CUDA; the CPU path cannot run this layout")
+    stages = [stage_memory(run, parallel, s, opts) for s in range(pp)]
+
+    n_total = cfg.num_parameters()
+    embed = cfg.padded_vocab_size * cfg.hidden_size
+    n_matmul = n_total - embed  # the input embedding is a lookup; the output layer is a matmul
+    tokens_step = train.global_batch_size * train.seq_length
+    L, s = cfg.num_layers, train.seq_length
+    attn_flops_seq = 6 * L * s * s * cfg.num_attention_heads * cfg.kv_channels  # causal, fwd+bwd
+    model_flops = 6 * n_matmul * tokens_step + attn_flops_seq * train.global_batch_size
+    hw_flops = model_flops * (4 / 3 if cfg.recompute == "full" else 1.0)
+    worst = max(stages, key=lambda st: st.peak)
+    pbytes = _DTYPE_BYTES[cfg.params_dtype]
+    grad_b = 4 if opts.grad_reduce_in_fp32 else pbytes
+    shard_group = dp * cp
+    dp_traffic = (worst.parameters * (grad_b + pbytes) * (shard_group - 1) / shard_group
+                  if shard_group > 1 else 0)
+    tokens_mb = train.seq_length // cp * train.micro_batch_size
+    # Sequence parallelism: 2 all-gathers + 2 reduce-scatters of s'bh per layer forward, as many
+    # backward, one more forward with full recomputation.
+    passes = 3 if cfg.recompute == "full" else 2
+    tp_traffic = (4 * passes * tokens_mb * cfg.hidden_size * 2 * (tp - 1) / tp
+                  * (L // pp) * num_mb) if tp > 1 else 0
+    # Ring attention: each rank receives (CP - 1) K/V blocks forward, K/V and their gradients backward.
+    kv_block = tokens_mb * cfg.num_query_groups * cfg.kv_channels * 2 * 2 // tp
+    cp_traffic = kv_block * (cp - 1) * 3 * (L // pp) * num_mb if cp > 1 else 0
+    ckpt_bytes = n_total * (pbytes + (12 if pbytes == 2 else 8))
+
+    numbers = {
+        "world size": f"{world} GPUs = {nodes} nodes x {gpus_per_node}",
+        "layout": f"TP={tp} x PP={pp} x CP={cp} x DP={dp}  (sequence parallel: "
+                  f"{'on' if parallel.sequence_parallel else 'off'}, distributed optimizer: "
+                  f"{'on' if train.use_distributed_optimizer else 'off'})",
+        "model": f"{cfg.family}, {L} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads / "
+                 f"{cfg.num_query_groups} groups x {cfg.kv_channels}, ffn {cfg.ffn_hidden_size}",
+        "parameters": f"{_fmt_count(n_total)} total ({_fmt_count(embed)} per vocabulary matrix), "
+                      f"{_fmt_count(worst.parameters)} on the fullest GPU",
+        "vocabulary": f"{cfg.vocab_size} padded to {cfg.padded_vocab_size} "
+                      f"(+{cfg.padded_vocab_size - cfg.vocab_size} zero rows; "
+                      f"{cfg.padded_vocab_size // tp} per TP rank)",
+        "layers per stage": f"{L // pp}",
+        "sequence": f"{train.seq_length} tokens, {train.seq_length // cp} per CP rank, "
+                    f"{train.seq_length // cp // (tp if parallel.sequence_parallel else 1)} per GPU "
+                    "in the residual stream",
+        "batch": f"{train.global_batch_size} sequences/step = {train.micro_batch_size} per micro-batch "
+                 f"x {num_mb} micro-batches x DP {dp}; {_fmt_count(tokens_step)} tokens/step",
+        "pipeline bubble": f"{(pp - 1) / (num_mb + pp - 1):.1%} of a step (1F1B, (PP-1)/(M+PP-1))",
+        "recompute": cfg.recompute + ("" if cfg.recompute != "selective" else
+                                      " (estimated as none: fused attention keeps no s^2 scores)"),
+        "model FLOPs/step": f"{model_flops / 1e15:.1f} PFLOP ({model_flops / world / 1e12:.0f} TFLOP "
+                            f"per GPU; {hw_flops / world / 1e12:.0f} TFLOP per GPU with recomputation)",
+        "traffic/step/GPU": f"DP {_fmt_bytes(dp_traffic)}, TP {_fmt_bytes(tp_traffic)}, "
+                            f"CP {_fmt_bytes(cp_traffic)}",
+        "kv cache": f"{_fmt_bytes(kv_cache_bytes_per_sequence(cfg, train.seq_length, tp, pp))} per GPU per "
+                    f"{train.seq_length}-token sequence in rollouts",
+        "checkpoint": f"{_fmt_bytes(ckpt_bytes)} on disk (weights + fp32 main weights and Adam moments)",
+    }
+    device = int(opts.gpu_memory_gib * GiB)
+    usable = int(device * (1 - opts.fragmentation))
+    if opts.rollout_sequences == 0:
+        kv = kv_cache_bytes_per_sequence(cfg, train.seq_length, tp, pp)
+        room = min(usable - st.static_total for st in stages)
+        numbers["kv cache"] += f"; ~{max(room // kv, 0)} sequences fit beside the static memory"
+    return Plan(world, tp, pp, cp, dp, bool(parallel.sequence_parallel), stages, numbers, warnings,
+                usable, device)
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a text report: numbers, then a memory table (fullest GPU, every stage)."""
+    lines = ["Layout and step numbers"]
+    width = max(len(k) for k in plan.numbers)
+    lines += [f"  {k:<{width}}  {v}" for k, v in plan.numbers.items()]
+    worst = plan.worst
+    lines.append("")
+    lines.append(f"Memory per GPU (GiB), stages 0..{plan.pp - 1}; peak = static + largest phase")
+    lines.append(f"  {'':<32}" + "".join(f"{'stage ' + str(s.stage):>10}" for s in plan.stages))
+
+    def row(label, values):
+        return f"  {label:<32}" + "".join(f"{v / GiB:>10.2f}" for v in values)
+
+    for name in worst.static:
+        lines.append(row(name, [s.static.get(name, 0) for s in plan.stages]))
+    lines.append(row("= static", [s.static_total for s in plan.stages]))
+    for name in worst.phases:
+        lines.append(row("phase: " + name, [s.phases.get(name, 0) for s in plan.stages]))
+    lines.append(row("= peak", [s.peak for s in plan.stages]))
+    frag = 1 - plan.usable_bytes / plan.device_bytes
+    lines.append(f"  {'usable of device':<32}{plan.usable_bytes / GiB:>10.2f}  "
+                 f"({plan.device_bytes / GiB:.0f} GiB less {frag:.0%} for fragmentation)")
+    lines.append("")
+    verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    lines.append(f"{verdict}: fullest GPU (stage {worst.stage}) needs {worst.peak / GiB:.2f} GiB of "
+                 f"{plan.usable_bytes / GiB:.2f} GiB usable "
+                 f"(headroom {(plan.usable_bytes - worst.peak) / GiB:+.2f} GiB)")
+    for w in plan.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)

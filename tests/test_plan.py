@@ -1,0 +1,222 @@
+"""longact-plan: layout validation, the memory estimate on the shipped configs, and parameter
+counts checked against models megatron actually builds (tiny and small shapes, TP=2 and PP=2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from megatron_longact.cli import plan as plan_cli
+from megatron_longact.config import ConfigError
+from megatron_longact.models.config import ModelConfig
+from megatron_longact.plan import (
+    GiB,
+    PlanOptions,
+    layer_activation_bytes,
+    make_plan,
+    rank_parameters,
+)
+from megatron_longact.run_config import load_run_config
+from tests.dist_harness import run_distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+
+def _run(name: str, *overrides: str):
+    return load_run_config(CONFIGS / name, list(overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shipped configs
+# ---------------------------------------------------------------------------------------------
+
+def test_70b_64k_fits_80gb_under_its_layout():
+    run = _run("llama3_70b_grpo_64k.yaml")
+    plan = make_plan(run, nodes=8, gpus_per_node=8, opts=PlanOptions(reference_model=True))
+    assert (plan.tp, plan.pp, plan.cp, plan.dp) == (8, 4, 2, 1)
+    assert plan.fits, [s.peak / GiB for s in plan.stages]
+    assert plan.worst.peak < 0.9 * 80 * GiB
+    # Honest, not empty: weights + fp32 grads + optimizer shard alone are > 25 GiB per GPU.
+    stage0 = plan.stages[0]
+    assert sum(stage0.static[k] for k in ("weights", "gradients", "optimizer")) > 25 * GiB
+    # ~70.55 B parameters over TP 8 x PP 4, the embedding on stage 0.
+    assert stage0.parameters == rank_parameters(run.model, 8, 4, 0)
+    assert 2.2e9 < stage0.parameters < 2.3e9
+    # More data parallelism only shrinks the optimizer shard.
+    bigger = make_plan(run, nodes=16, gpus_per_node=8, opts=PlanOptions(reference_model=True))
+    assert bigger.dp == 2 and bigger.worst.peak < plan.worst.peak
+
+
+def test_fp8_and_8b_configs_fit():
+    fp8 = make_plan(_run("llama3_70b_grpo_64k_fp8.yaml"), 8, 8,
+                    PlanOptions(reference_model=True, fp8=True))
+    assert fp8.fits and "fp8 weight copies" in fp8.stages[0].static
+    for nodes, dp in ((1, 2), (2, 4)):
+        plan = make_plan(_run("qwen3_8b_grpo.yaml"), nodes, 8, PlanOptions(reference_model=True))
+        assert plan.fits and plan.dp == dp and (plan.tp, plan.pp, plan.cp) == (4, 1, 1)
+
+
+def test_70b_without_recomputation_or_on_too_few_gpus_does_not_fit():
+    selective = make_plan(_run("llama3_70b_grpo_64k.yaml", "model.recompute=selective"), 8, 8)
+    assert not selective.fits
+    small = make_plan(_run("llama3_70b_grpo_64k.yaml", "parallel.pipeline_model_parallel_size=2",
+                           "parallel.context_parallel_size=1"), 2, 8)
+    assert not small.fits
+
+
+@pytest.mark.parametrize("config,overrides,nodes,message", [
+    ("llama3_70b_grpo_64k.yaml", ["parallel.tensor_model_parallel_size=3"], 8,
+     "does not divide the world size 64"),
+    ("qwen3_8b_grpo.yaml", ["parallel.tensor_model_parallel_size=64"], 8,
+     "parallel.tensor_model_parallel_size: 64 does not divide model.num_attention_heads=32"),
+    ("llama3_70b_grpo_64k.yaml", ["parallel.pipeline_model_parallel_size=3",
+                                  "parallel.context_parallel_size=1"], 3,
+     "parallel.pipeline_model_parallel_size: 3 does not divide model.num_layers=80"),
+    ("llama3_70b_grpo_64k.yaml", ["train.seq_length=65534"], 8,
+     "train.seq_length: 65534 is not divisible by 2 x parallel.context_parallel_size = 4"),
+    ("llama3_70b_grpo_64k.yaml", ["train.seq_length=65544"], 8,
+     "65544 / context_parallel_size 2 = 32772 tokens per rank is not divisible by "
+     "tensor_model_parallel_size=8"),
+    ("llama3_70b_grpo_64k.yaml", ["train.seq_length=262144"], 8,
+     "train.seq_length: 262144 exceeds model.max_position_embeddings=131072"),
+    ("llama3_70b_grpo_64k.yaml", [], 3, "does not divide the world size 24"),
+    ("llama3_70b_grpo_64k.yaml", ["train.global_batch_size=63"], 16,
+     "train.global_batch_size: 63 is not a multiple"),
+    ("llama3_70b_grpo_64k.yaml", ["model.make_vocab_size_divisible_by=4"], 8,
+     "model.make_vocab_size_divisible_by: 4 is not divisible by parallel.tensor_model_parallel_size=8"),
+])
+def test_wrong_layouts_fail_with_a_clear_message(config, overrides, nodes, message):
+    with pytest.raises(ConfigError) as info:
+        make_plan(_run(config, *overrides), nodes, 8)
+    assert message in str(info.value)
+
+
+def test_cli_exit_codes_and_report(capsys):
+    cfg = str(CONFIGS / "llama3_70b_grpo_64k.yaml")
+    assert plan_cli.main(["--config", cfg, "--nodes", "8", "--reference-model"]) == 0
+    out = capsys.readouterr().out
+    for text in ("TP=8 x PP=4 x CP=2 x DP=1", "128256 padded to 128256", "layers per stage  20",
+                 "pipeline bubble", "FITS: fullest GPU", "optimizer", "reference model",
+                 "longact state", "checkpoint"):
+        assert text in out, text
+    assert plan_cli.main(["--config", cfg, "--nodes", "2", "parallel.pipeline_model_parallel_size=2",
+                          "parallel.context_parallel_size=1"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert plan_cli.main(["--config", cfg, "--nodes", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longact-plan: invalid layout: parallel:") and "world size 24" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory model
+# ---------------------------------------------------------------------------------------------
+
+def test_activation_formula_by_hand_and_scaling():
+    cfg = _run("llama3_70b_grpo_64k.yaml").model  # h 8192, f 28672, 64 heads / 8 groups x 128
+    s = 32768
+    h, f = 8192, 28672
+    by_hand = (2 * s * h * 2 + 2 * s * h * 2 + 2 * s * (64 + 16) * 128 + 2 * s * 64 * 128
+               + 4 * s * 64 + 4 * s * f + 2 * s * f)
+    assert layer_activation_bytes(cfg, s, 1) == by_hand
+    assert layer_activation_bytes(cfg, s, 8) == by_hand // 8
+    assert layer_activation_bytes(cfg, s // 2, 8) == by_hand // 16
+    # Without sequence parallelism the residual-stream terms are not split over TP.
+    no_sp = layer_activation_bytes(cfg, s, 8, sequence_parallel=False)
+    assert no_sp - layer_activation_bytes(cfg, s, 8) == 4 * 2 * s * h * 7 // 8
+    assert layer_activation_bytes(cfg, s, 8, fp8=True) < layer_activation_bytes(cfg, s, 8)
+
+
+def test_full_recompute_keeps_layer_inputs_and_stage0_holds_pp_microbatches():
+    run = _run("llama3_70b_grpo_64k.yaml")
+    opts = PlanOptions(longact_enabled=False)
+    plan = make_plan(run, 8, 8, opts)
+    tokens = 32768
+    stored_per_mb_layer = 2 * tokens * 8192 // 8
+    full_layer = layer_activation_bytes(run.model, tokens, 8)
+    assert plan.stages[0].phases["activations"] == 4 * 20 * stored_per_mb_layer + full_layer
+    assert plan.stages[1].phases["activations"] == 3 * 20 * stored_per_mb_layer + full_layer
+    logits = 8 * tokens * 128256 // 8
+    assert plan.stages[3].phases["activations"] == 1 * 20 * stored_per_mb_layer + full_layer + logits
+
+
+def test_longact_state_is_small_but_counted():
+    run = _run("llama3_70b_grpo_64k.yaml")
+    on = make_plan(run, 8, 8).stages[0]
+    off = make_plan(run, 8, 8, PlanOptions(longact_enabled=False)).stages[0]
+    assert 0 < on.static["longact state"] < 16 * 2**20
+    assert off.static["longact state"] == 0 and off.phases["optimizer step (longact)"] == 0
+    # Snapshot of frozen W_Q/W_K entries (70% of them) in fp32 x 3 plus the element masks.
+    assert 0.5 * GiB < on.phases["optimizer step (longact)"] < 1.5 * GiB
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts against built models
+# ---------------------------------------------------------------------------------------------
+
+def _small_models() -> dict[str, ModelConfig]:
+    tiny = _run("model/tiny.yaml").model
+    return {
+        "tiny": dataclasses.replace(tiny, transformer_impl="local"),
+        "small_qwen2_tied": ModelConfig(
+            family="qwen2", num_layers=4, hidden_size=256, ffn_hidden_size=768,
+            num_attention_heads=8, num_query_groups=2, vocab_size=1000,
+            max_position_embeddings=2048, add_qkv_bias=True, tie_word_embeddings=True,
+            transformer_impl="local"),
+        "small_qwen3_vocab": ModelConfig(
+            family="qwen3", num_layers=2, hidden_size=128, ffn_hidden_size=384,
+            num_attention_heads=4, num_query_groups=4, head_dim=64, vocab_size=151936,
+            max_position_embeddings=2048, qk_layernorm=True, transformer_impl="local"),
+        "small_llama3": ModelConfig(
+            family="llama3", num_layers=4, hidden_size=192, ffn_hidden_size=512,
+            num_attention_heads=6, num_query_groups=2, vocab_size=32000,
+            max_position_embeddings=2048, transformer_impl="local"),
+    }
+
+
+def _count_built(runtime, models: dict) -> list:
+    """Per layout (TP=2 x PP=1, then TP=1 x PP=2 on the same two ranks): this rank's parameter
+    counts of each model as megatron builds it."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_longact.models.builder import build_model
+    from megatron_longact.runtime import ParallelConfig, initialize
+
+    out = []
+    for tp, pp in ((2, 1), (1, 2)):
+        runtime = initialize(ParallelConfig(tensor_model_parallel_size=tp,
+                                            pipeline_model_parallel_size=pp))
+        for name, cfg in models.items():
+            model, _ = build_model(cfg, runtime.parallel)
+            local = sum(p.numel() for p in model.parameters())
+            split = sum(p.numel() for p in model.parameters()
+                        if getattr(p, "tensor_model_parallel", False))
+            out.append({"model": name, "tp": tp, "pp": pp, "local": local, "split": split,
+                        "stage": ps.get_pipeline_model_parallel_rank(),
+                        "tp_rank": ps.get_tensor_model_parallel_rank()})
+            del model
+    return out
+
+
+def test_parameter_counts_match_built_models():
+    """rank_parameters against megatron-built models (TP=2 x PP=2 is checked on the converted
+    models in test_convert.py); num_parameters against the sum over ranks."""
+    models = _small_models()
+    per_rank = run_distributed(_count_built, tp=2, args=(models,), timeout=240)
+    rows = [row for rank in per_rank for row in rank]
+    assert len(rows) == 2 * 2 * len(models)
+    for row in rows:
+        cfg = models[row["model"]]
+        assert row["local"] == rank_parameters(cfg, row["tp"], row["pp"], row["stage"]), row
+    for name, cfg in models.items():
+        # TP=2: split parameters add up over the two ranks, replicated ones (norms) count once.
+        tp_rows = [r for r in rows if r["model"] == name and r["tp"] == 2]
+        total = sum(r["split"] for r in tp_rows) + (tp_rows[0]["local"] - tp_rows[0]["split"])
+        assert total == cfg.num_parameters(), name
+        # PP=2: stages add up, less the last stage's own copy of a tied embedding.
+        pp_total = sum(r["local"] for r in rows if r["model"] == name and r["pp"] == 2)
+        if cfg.tie_word_embeddings:
+            pp_total -= cfg.padded_vocab_size * cfg.hidden_size
+        assert pp_total == cfg.num_parameters(), name

@@ -22,7 +22,7 @@ def _config(tmp: str, out: str, **over):
         "train.mode": "rl", "train.steps": 2, "train.micro_batch_size": 4, "train.lr": 1e-3,
         "sft.steps": 2, "sft.batch_size": 4, "sft.lr": 3e-3,
         "data.ruler.num_samples": 64, "data.ruler.template": "compact", "data.ruler.number_digits": 3,
-        "data.ruler.lengths": "[128]",
+        "data.ruler.lengths": "[160]", "data.ruler.tasks": "[niah_single_1]",
         "rl.group_size": 2, "rl.prompts_per_step": 4, "rl.max_new_tokens": 4,
         "rl.reward.function": "megatron_longact.tasks.rewards:prefix_match",
         "checkpoint.resume": "none", "output.dir": out,
@@ -45,7 +45,7 @@ def _train(runtime, tmp, out, over):
 def test_trainer_runs_sft_then_rl(tmp_path, layout):
     over = {"parallel.tensor_model_parallel_size": layout.get("tp", 1),
             "parallel.pipeline_model_parallel_size": layout.get("pp", 1),
-            "evaluation.lengths": "[128]", "evaluation.num_samples": 4}
+            "evaluation.lengths": "[160]", "evaluation.num_samples": 4}
     results = run_distributed(_train, args=(str(tmp_path), str(tmp_path / "out"), over), **layout)
     history, _ = results[0]
     assert [h["step"] for h in history] == [0, 1, 2, 3]

@@ -33,7 +33,7 @@ def test_cli_trains_a_few_steps(tmp_path):
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_longact.cli.train", "--config", str(ROOT / "configs/demo_cpu.yaml"),
-         "train.steps=4", f"output.dir={tmp_path}"],
+         "train.mode=lm", "train.steps=4", "train.micro_batch_size=4", f"output.dir={tmp_path}"],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -58,8 +58,11 @@ def test_heads_and_layers_must_divide():
     cfg = load_run_config(DEMO, ["parallel.pipeline_model_parallel_size=3"])
     with pytest.raises(ConfigError, match=r"pipeline_model_parallel_size: 3 does not divide model\.num_layers=4"):
         cfg.check_layout(3)
-    cfg = load_run_config(DEMO, ["train.global_batch_size=6", "train.micro_batch_size=3"])
+    cfg = load_run_config(DEMO, ["train.mode=lm", "train.global_batch_size=6", "train.micro_batch_size=3"])
     with pytest.raises(ConfigError, match=r"train\.global_batch_size: 6 is not a multiple"):
+        cfg.check_layout(4)
+    cfg = load_run_config(DEMO, ["rl.prompts_per_step=6"])
+    with pytest.raises(ConfigError, match=r"rl\.prompts_per_step: 6 is not a multiple of the data-parallel size 4"):
         cfg.check_layout(4)
 
 

@@ -46,7 +46,9 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choice("train.mode", self.mode, ("lm", "sft", "rl"))
-        for name in ("steps", "seq_length", "micro_batch_size", "global_batch_size", "log_interval"):
+        # steps may be 0: an RL run with only its SFT warm start (sft.steps).
+        check_positive("train.steps", self.steps, allow_zero=True)
+        for name in ("seq_length", "micro_batch_size", "global_batch_size", "log_interval"):
             check_positive(f"train.{name}", getattr(self, name))
         check_positive("train.lr", self.lr)
         for name in ("min_lr", "weight_decay", "clip_grad", "lr_warmup_steps"):

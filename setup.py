@@ -28,7 +28,8 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=7.4"],
+        # transformers builds the tiny Hugging Face models of the conversion parity tests locally.
+        "test": ["pytest>=7.4", "transformers>=4.51", "safetensors>=0.4"],
         # FP8 and fused kernels; CUDA only. NVIDIA Apex is optional too but is not on PyPI (the PyPI
         # package named apex is unrelated): build it from source or use an NVIDIA PyTorch container.
         "gpu": ["transformer-engine[pytorch]>=1.13"],

@@ -1,0 +1,70 @@
+"""A full RL step (rollouts, rewards, old log-probs, policy update) with LongAct versus without,
+side by side in one process on the demo configuration.
+
+Two trainers are built from ``configs/demo_cpu.yaml`` (no SFT warm start, no checkpoints): one
+with ``longact.enabled=true`` and one with ``longact.enabled=false``. They alternate RL steps
+(which one goes first alternates too); the script prints the median step times, the split into
+rollout and update, and the ratio (target <= 1.05 on CPU).
+
+Run: python benchmarks/step_overhead.py [--steps 12] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    from megatron_longact.run_config import load_run_config
+    from megatron_longact.runtime import destroy, initialize
+    from megatron_longact.training.trainer import Trainer
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--config", default=str(ROOT / "configs/demo_cpu.yaml"))
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+
+    tmp = tempfile.mkdtemp()
+    base = ["sft.steps=0", f"train.steps={args.steps + 2}", "checkpoint.resume=none",
+            "evaluation.lengths=[]", f"output.dir={tmp}"] + args.overrides
+    cfgs = {name: load_run_config(args.config, base + [f"longact.enabled={flag}"])
+            for name, flag in (("plain", "false"), ("longact", "true"))}
+    runtime = initialize(cfgs["plain"].parallel, seed=cfgs["plain"].train.seed)
+    trainers = {name: Trainer(cfg, runtime) for name, cfg in cfgs.items()}
+    trainers["longact"]._install_longact()
+    times = {name: [] for name in trainers}
+    split = {name: [] for name in trainers}
+    for step in range(args.steps + 2):
+        order = list(trainers.items())
+        if step % 2:
+            order.reverse()
+        for name, trainer in order:
+            t0 = time.perf_counter()
+            metrics = trainer.rl_step()
+            dt = time.perf_counter() - t0
+            trainer.step += 1
+            if step >= 2:  # warm-up
+                times[name].append(dt)
+                split[name].append((metrics["perf/rollout_seconds"], metrics["perf/update_seconds"]))
+    print(f"RL step on {args.config} (tiny model, 1 process), median of {args.steps} steps:")
+    for name in trainers:
+        r = statistics.median(s[0] for s in split[name])
+        u = statistics.median(s[1] for s in split[name])
+        print(f"  {name:8s} {statistics.median(times[name]):7.3f} s   (rollout {r:.3f} s, update {u:.3f} s)")
+    ratio = statistics.median(times["longact"]) / statistics.median(times["plain"])
+    print(f"  ratio    {ratio:7.3f}     (target <= 1.05)")
+    destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,7 +36,7 @@ class _Target:
         self.row_slot = row_slot  # index into LongAct.local_qkv_row_masks()
         self.row_width = row_width  # elements per row (hidden size for the weight, 1 for the bias)
         self.frozen: torch.Tensor | None = None  # shard-local bool mask, this step only
-        self.frozen_idx: torch.Tensor | None = None  # the same as indices
+        self.frozen_rows: torch.Tensor | None = None  # TP-local indices of the frozen rows
 
     def element_mask(self, keep_rows_P: torch.Tensor) -> torch.Tensor:
         """Shard-local bool mask of frozen elements of the main parameter."""
@@ -121,19 +121,21 @@ class LongActHandle:
         freezing = self.cfg.strategy != "none" and bool(rows)
         if freezing and self._element_masks_step != self.longact.state.last_mask_step:
             # Element masks change only when the mask does (every step for every_step).
-            masks = {id(t): t.element_mask(rows[t.row_slot][1]) for t in self._targets}
-            # Index form of the same masks: gathers and scatters with a fixed index are cheaper
-            # than boolean indexing, which recounts the mask on every use.
-            self._element_masks = {k: (m, m.nonzero().squeeze(1)) for k, m in masks.items()}
+            # Shard-local element masks (for the main params and state) and TP-local frozen row
+            # indices (for the gradients), rebuilt only when the mask changes.
+            self._element_masks = {
+                id(t): (t.element_mask(rows[t.row_slot][1]),
+                        (~rows[t.row_slot][1]).nonzero().squeeze(1).to(t.ref.model_param.device))
+                for t in self._targets}
             self._element_masks_step = self.longact.state.last_mask_step
         for t in self._targets:
-            t.frozen, t.frozen_idx = self._element_masks[id(t)] if freezing else (None, None)
+            t.frozen, t.frozen_rows = self._element_masks[id(t)] if freezing else (None, None)
         self._removed_fraction = self._zero_frozen_grads(rows) if freezing else None
         try:
             result = self._orig_step(*args, **kwargs)
         finally:
             for t in self._targets:
-                t.frozen = t.frozen_idx = None
+                t.frozen = t.frozen_rows = None
             self._saved.clear()
         self.step_count += 1
         return result
@@ -151,13 +153,13 @@ class LongActHandle:
             if grad is None:
                 continue
             owned = grad.view(-1)[t.ref.flat_start:t.ref.flat_start + t.ref.main_param.numel()].float()
-            sq = owned * owned
-            pair = torch.stack([sq.sum(), (sq * t.frozen).sum()]).double()
-            sums = pair if sums is None else sums + pair
-            keep_P = rows[t.row_slot][1].to(grad.device)
-            grad[~keep_P] = 0
+            before = torch.dot(owned, owned)
+            grad.index_fill_(0, t.frozen_rows, 0)
             if p.grad is not None and p.grad is not grad:
-                p.grad[~keep_P] = 0
+                p.grad.index_fill_(0, t.frozen_rows, 0)
+            after = torch.dot(owned, owned)  # ``owned`` is a view: it sees the zeroed rows
+            pair = torch.stack([before, before - after]).double()
+            sums = pair if sums is None else sums + pair
             group = t.ref.megatron_optimizer.get_grad_stats_parallel_group()
             groups[id(group)] = group
         if sums is None:  # this DP rank owns no part of any linear_qkv weight
@@ -175,27 +177,29 @@ class LongActHandle:
                 if torch.is_tensor(v) and v.shape == main.shape}
 
     def _snapshot(self, torch_opt, args, kwargs) -> None:
+        # Whole-tensor copies (plain memcpy) and one masked select on restore are cheaper than
+        # gathering and scattering the frozen ~70% element by element.
         for t in self._targets:
             if t.frozen is None or t.ref.torch_optimizer is not torch_opt:
                 continue
-            main, idx = t.ref.main_param, t.frozen_idx
+            main = t.ref.main_param
             state = self._state_tensors(torch_opt, main)
-            self._saved.append((t, main.data.view(-1).index_select(0, idx),
-                                {k: v.view(-1).index_select(0, idx) for k, v in state.items()}))
+            self._saved.append((t, main.detach().clone(), {k: v.clone() for k, v in state.items()}))
 
     def _restore(self, torch_opt, args, kwargs) -> None:
         for t, param_values, state_values in self._saved:
             if t.ref.torch_optimizer is not torch_opt:
                 continue
-            main, idx = t.ref.main_param, t.frozen_idx
-            main.data.view(-1).index_copy_(0, idx, param_values)
+            main = t.ref.main_param
+            frozen = t.frozen.view(main.shape)
+            torch.where(frozen, param_values, main.data, out=main.data)
             for k, v in self._state_tensors(torch_opt, main).items():
                 if k in state_values:
-                    v.view(-1).index_copy_(0, idx, state_values[k])
+                    torch.where(frozen, state_values[k], v, out=v)
                 else:
                     # State this very step created (the first step) starts from zero for frozen
                     # entries, as if the step never touched them.
-                    v.view(-1).index_fill_(0, idx, 0)
+                    v.masked_fill_(frozen, 0)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

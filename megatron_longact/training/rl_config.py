@@ -79,6 +79,7 @@ class RLConfig:
         for name in ("group_size", "prompts_per_step", "max_new_tokens", "ppo_epochs", "mini_batches",
                      "max_sampling_tries"):
             check_positive(f"rl.{name}", getattr(self, name))
+        check_range("rl.max_sampling_tries", self.max_sampling_tries, 1, 64)
         if self.group_size < 2:
             raise ConfigError("rl.group_size: got 1, expected >= 2 (group advantages need a group)")
         check_positive("rl.temperature", self.temperature)

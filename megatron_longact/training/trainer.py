@@ -267,6 +267,8 @@ class Trainer:
         base = rl_step * rl.prompts_per_step + self.dp_rank * per_rank
         offset = 10_000_019 * (self.sft_steps + 1)  # RL prompts come after the SFT ones
         records = [self.stream[offset + base + i] for i in range(per_rank)]
+        # Sample ids seed each response's sampler: unique per (step, prompt, response, try), the
+        # same under every layout. Room for 64 tries (rl.max_sampling_tries <= 64).
         sample_base = (self.step * rl.prompts_per_step + self.dp_rank * per_rank) * rl.group_size * 64
         if not rl.dynamic_sampling:
             batch = self._rollout(records, sample_base)

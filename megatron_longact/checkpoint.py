@@ -120,7 +120,7 @@ def _barrier() -> None:
 
 
 def _sharded_state_dict(model_chunks, optimizer, objects: dict, *, is_loading: bool,
-                        with_rng: bool = True) -> dict:
+                        with_rng: bool = True, extra_models: dict | None = None) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -130,6 +130,9 @@ def _sharded_state_dict(model_chunks, optimizer, objects: dict, *, is_loading: b
     sd = {"model": model_sd}
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_SHARDING)
+    for name, module in (extra_models or {}).items():
+        # Frozen companions of the model (e.g. the RL reference policy), under their own prefix.
+        sd[f"model_{name}"] = _gpt(module).sharded_state_dict(prefix=f"{name}.")
     rank = _rank()
     for key, obj in objects.items():
         # Global objects (identical on every rank): saved once, by global rank 0.
@@ -162,7 +165,7 @@ def _megatron_rng_states():
 
 
 def save(root: str | Path, step: int, model_chunks, optimizer, objects: dict, *, keep: int = 0,
-         checksum: bool = False) -> Path:
+         checksum: bool = False, extra_models: dict | None = None) -> Path:
     """Save a checkpoint of ``step`` and publish it atomically; every rank must call it.
 
     ``objects``: picklable global state (scheduler, LongAct state, data position, ...), identical
@@ -180,7 +183,8 @@ def save(root: str | Path, step: int, model_chunks, optimizer, objects: dict, *,
             shutil.rmtree(tmp)  # a previous interrupted save of the same step
         tmp.mkdir()
     _barrier()
-    sd = _sharded_state_dict(model_chunks, optimizer, objects, is_loading=False)
+    sd = _sharded_state_dict(model_chunks, optimizer, objects, is_loading=False,
+                             extra_models=extra_models)
     dist_checkpointing.save(sd, str(tmp))
     _barrier()
     if _rank() == 0:
@@ -199,7 +203,7 @@ def save(root: str | Path, step: int, model_chunks, optimizer, objects: dict, *,
 
 
 def load(folder: str | Path, model_chunks, optimizer, object_keys: list[str], *,
-         load_rng: bool = True) -> dict:
+         load_rng: bool = True, extra_models: dict | None = None) -> dict:
     """Load a checkpoint into the model and optimizer; return the saved objects by key.
 
     Verifies the manifest first (CheckpointError on a damaged checkpoint). ``load_rng`` restores
@@ -214,12 +218,16 @@ def load(folder: str | Path, model_chunks, optimizer, object_keys: list[str], *,
     if optimizer is not None:
         prepare_optimizer_for_load(optimizer)
     sd = _sharded_state_dict(model_chunks, optimizer, {k: None for k in object_keys}, is_loading=True,
-                             with_rng=load_rng)
+                             with_rng=load_rng, extra_models=extra_models)
     try:
         loaded = dist_checkpointing.load(sd, str(folder))
     except Exception as exc:  # noqa: BLE001 - re-raised with the checkpoint named
         raise CheckpointError(f"checkpoint {folder} could not be loaded: {type(exc).__name__}: {exc}") from exc
     _gpt(model_chunks[0]).load_state_dict(loaded["model"])
+    for name, module in (extra_models or {}).items():
+        prefix = f"{name}."
+        _gpt(module).load_state_dict({k[len(prefix):] if k.startswith(prefix) else k: v
+                                      for k, v in loaded[f"model_{name}"].items()})
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         restore_torch_adam_step(optimizer, loaded["optimizer"])

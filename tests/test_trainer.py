@@ -45,12 +45,14 @@ def _train(runtime, tmp, out, over):
 def test_trainer_runs_sft_then_rl(tmp_path, layout):
     over = {"parallel.tensor_model_parallel_size": layout.get("tp", 1),
             "parallel.pipeline_model_parallel_size": layout.get("pp", 1),
-            "evaluation.lengths": "[160]", "evaluation.num_samples": 4}
+            "evaluation.lengths": "[160]", "evaluation.num_samples": 4, "rl.kl_coef": 0.05}
     results = run_distributed(_train, args=(str(tmp_path), str(tmp_path / "out"), over), **layout)
     history, _ = results[0]
     assert [h["step"] for h in history] == [0, 1, 2, 3]
     assert "sft/loss" in history[0] and "rl/reward" in history[2]
     assert history[2]["longact/kept_fraction_q"] == pytest.approx(19 / 64)
+    # The reference is the policy as RL starts: zero KL on the first RL step, then it moves.
+    assert history[2]["rl/kl"] == 0.0 and history[3]["rl/kl"] > 0.0
     for h in history:
         assert all(v == v for v in h.values()), h  # no NaN
     for other, _ in results[1:]:
@@ -63,9 +65,10 @@ def test_trainer_runs_sft_then_rl(tmp_path, layout):
 def _preempt_and_resume(runtime, tmp):
     from megatron_longact.training.trainer import Trainer
 
-    full_hist, full_params = _train(runtime, tmp, f"{tmp}/full", {})
+    # With a KL reference, so that the checkpoint must also carry the reference policy.
+    full_hist, full_params = _train(runtime, tmp, f"{tmp}/full", {"rl.kl_coef": 0.05})
     # Interrupted run: SIGUSR1 arrives during the first RL step (global step 2).
-    cfg = _config(tmp, f"{tmp}/cut", **{"checkpoint.resume": "auto"})
+    cfg = _config(tmp, f"{tmp}/cut", **{"checkpoint.resume": "auto", "rl.kl_coef": 0.05})
     trainer = Trainer(cfg, runtime)
     original = trainer.rl_step
 
@@ -90,6 +93,7 @@ def test_preemption_saves_and_resume_reproduces_the_run(tmp_path):
     assert cut_hist[2]["rl/reward"] == full_hist[2]["rl/reward"]
     assert rest_hist[0]["rl/reward"] == full_hist[3]["rl/reward"]
     assert rest_hist[0]["train/grad_norm"] == full_hist[3]["train/grad_norm"]
+    assert rest_hist[0]["rl/kl"] == full_hist[3]["rl/kl"] > 0.0
     for name, p in full_params.items():
         assert torch.equal(p, params[name]), name
 
@@ -102,7 +106,7 @@ def test_bad_rl_config_fails_before_any_model(monkeypatch, capsys, tmp_path):
     for override, message in [("rl.group_size=1", "rl.group_size: got 1"),
                               ("rl.algorithm=reinforce", "rl.algorithm: got 'reinforce'"),
                               ("longact.keep_ratio=0", "longact.keep_ratio"),
-                              ("rl.kl_coef=0.1", "rl.kl_coef")]:
+                              ("rl.kl_coef=-1", "rl.kl_coef")]:
         rc = train_cli.main(["--config", str(ROOT / "configs/demo_cpu.yaml"), override])
         assert rc == 2
         assert message in capsys.readouterr().err

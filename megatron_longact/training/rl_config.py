@@ -64,7 +64,11 @@ class RLConfig:
     advantage: Literal["grpo", "dr_grpo", "rloo"] | None = None
     """None: dr_grpo for algorithm dr_grpo, grpo otherwise."""
     kl_coef: float = 0.0
-    """KL-to-reference loss weight; the reference model is not wired yet, so it must be 0."""
+    """Weight of the KL-to-reference loss term (GRPO's beta). The reference is a frozen copy of the
+    policy taken when RL starts (after the SFT warm start or the loaded weights); 0 = no reference
+    model (DAPO and Dr. GRPO train without KL)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator of the loss term (k3: GRPO's low-variance estimator)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal and sample more until the batch is full."""
@@ -89,9 +93,8 @@ class RLConfig:
         if self.overlong_buffer >= self.max_new_tokens:
             raise ConfigError(f"rl.overlong_buffer: {self.overlong_buffer} must be smaller than "
                               f"rl.max_new_tokens={self.max_new_tokens}")
-        if self.kl_coef != 0.0:
-            raise ConfigError("rl.kl_coef: a reference model is not wired into the trainer yet; use 0 "
-                              "(DAPO and Dr. GRPO train without KL)")
+        check_positive("rl.kl_coef", self.kl_coef, allow_zero=True)
+        check_choice("rl.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         if self.prompts_per_step * self.group_size % self.mini_batches:
             raise ConfigError(f"rl.mini_batches: {self.mini_batches} does not divide the "
                               f"{self.prompts_per_step * self.group_size} responses of a step")

@@ -126,6 +126,7 @@ class Trainer:
             # The optimizer's fp32 main weights were copied from the model at construction.
             self.engine.optimizer.reload_model_params()
         self.handle = None
+        self.ref_model = None
         self.step = 0
         self.out_dir = Path(cfg.output.dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
@@ -134,6 +135,23 @@ class Trainer:
         self.history: list[dict] = []
 
     # -- set-up ------------------------------------------------------------------------------
+    def _start_rl(self, *, copy_policy: bool = True) -> None:
+        """Everything the RL phase adds: the LongAct handle and, with rl.kl_coef, the frozen
+        reference policy (a copy of the policy as RL starts; from the checkpoint on resume)."""
+        self._install_longact()
+        if self.cfg.rl.kl_coef > 0 and self.ref_model is None:
+            from megatron.core.transformer.module import Float16Module
+
+            from megatron_longact.models.builder import build_model
+
+            ref, tconfig = build_model(self.cfg.model, self.runtime.parallel)
+            if copy_policy:
+                ref.load_state_dict(self.engine.gpt_models[0].state_dict())
+            for p in ref.parameters():
+                p.requires_grad_(False)
+            ref.eval()
+            self.ref_model = Float16Module(tconfig, ref) if (tconfig.bf16 or tconfig.fp16) else ref
+
     def _install_longact(self) -> None:
         if self.handle is None and self.cfg.longact.enabled:
             from megatron_longact.longact.optimizer import install
@@ -161,10 +179,13 @@ class Trainer:
 
         folder = checkpoint.save(self.ckpt_dir, self.step, self.engine.model, self.engine.optimizer,
                                  self._objects(), keep=self.cfg.checkpoint.keep,
-                                 checksum=self.cfg.checkpoint.checksum)
+                                 checksum=self.cfg.checkpoint.checksum, extra_models=self._extra_models())
         if self.rank0:
             print(f"checkpoint: saved step {self.step} to {folder}", flush=True)
         return folder
+
+    def _extra_models(self) -> dict:
+        return {"reference": self.ref_model} if self.ref_model is not None else {}
 
     def maybe_resume(self) -> None:
         from megatron_longact import checkpoint
@@ -177,10 +198,13 @@ class Trainer:
             return
         # The LongAct handle must exist before loading if the checkpoint is past the SFT phase.
         manifest = checkpoint.verify(folder)
-        if manifest["step"] >= self.sft_steps:
-            self._install_longact()
+        # A checkpoint from inside the RL phase holds the LongAct state and the reference policy;
+        # one from the SFT/RL boundary does not (RL, and the reference copy, start after loading).
+        if manifest["step"] > self.sft_steps:
+            self._start_rl(copy_policy=False)
         objs = checkpoint.load(folder, self.engine.model, self.engine.optimizer,
-                               ["scheduler", "step", "longact", "python_random"])
+                               ["scheduler", "step", "longact", "python_random"],
+                               extra_models=self._extra_models())
         self.engine.scheduler.load_state_dict(objs["scheduler"])
         self.step = int(objs["step"])
         if self.handle is not None and objs["longact"] is not None:
@@ -364,10 +388,16 @@ class Trainer:
             resp_mask = overlong_filter(resp_mask, gen.truncated.bool())
         advantage_name = rl.advantage or ("dr_grpo" if rl.algorithm == "dr_grpo" else "grpo")
         adv = compute_advantages(advantage_name, batch["rewards"].float(), rl.group_size)
+        groups = ModelParallelGroups.from_parallel_state()
         old_lp = sequence_log_probs(self.engine.model[0], tokens.to(self.runtime.device),
                                     vocab_size=self.tokenizer.vocab_size, temperature=rl.temperature,
-                                    micro_batch_size=cfg.train.micro_batch_size,
-                                    groups=ModelParallelGroups.from_parallel_state()).cpu()
+                                    micro_batch_size=cfg.train.micro_batch_size, groups=groups).cpu()
+        # Reference log-probs for the KL term (rl.kl_coef > 0); zeros stand in otherwise.
+        ref_lp = torch.zeros_like(old_lp)
+        if self.ref_model is not None:
+            ref_lp = sequence_log_probs(self.ref_model, tokens.to(self.runtime.device),
+                                        vocab_size=self.tokenizer.vocab_size, temperature=rl.temperature,
+                                        micro_batch_size=cfg.train.micro_batch_size, groups=groups).cpu()
 
         loss_cfg = {k: getattr(rl, k) for k in ("clip_ratio", "clip_low", "clip_high", "clip_ratio_c",
                                                 "loss_agg_mode", "loss_scale_factor")
@@ -391,9 +421,10 @@ class Trainer:
                     sl = slice(j, min(j + mb, rows.stop))
                     mbs.append({k: v[sl].to(device) for k, v in dict(
                         tokens=tokens, valid=valid, resp_BS=resp_BS, resp_mask=resp_mask,
-                        old_lp=old_lp, adv=adv).items()})
+                        old_lp=old_lp, ref_lp=ref_lp, adv=adv).items()})
                 fwd = partial(_rl_forward_step, self.handle, rl.algorithm, loss_cfg,
-                              counts.loss_kwargs(), scale, self.tokenizer.vocab_size, rl.temperature)
+                              counts.loss_kwargs(), scale, self.tokenizer.vocab_size, rl.temperature,
+                              (rl.kl_coef, rl.kl_estimator) if self.ref_model is not None else None)
                 out = train_step(self.engine, fwd, iter(mbs), len(mbs), S, mb)
                 grad_norms.append(out["grad_norm"])
                 for d in out["losses"]:
@@ -503,7 +534,7 @@ class Trainer:
                 if self.step < self.sft_steps:
                     metrics = self.sft_step()
                 else:
-                    self._install_longact()
+                    self._start_rl()
                     metrics = self.rl_step()
                     if self.handle is not None:
                         metrics.update(self.handle.metrics)
@@ -554,10 +585,13 @@ def _sft_forward_step(scale, data_iterator, model):
     return output, loss_func
 
 
-def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, temperature,
+def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, temperature, kl,
                      data_iterator, model):
+    """One micro-batch of the policy loss (plus ``kl = (coef, estimator)`` times the KL to the
+    reference, aggregated with the policy loss's mode and global counts, as GRPO adds it)."""
     from megatron_longact.generation import vocab_parallel_log_probs
-    from megatron_longact.rl.losses import policy_loss
+    from megatron_longact.rl.kl import kl_loss
+    from megatron_longact.rl.losses import policy_loss, resolve_settings
 
     mb = next(data_iterator)
     tokens = mb["tokens"]
@@ -571,6 +605,14 @@ def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, tem
                                         temperature=temperature)
         loss, metrics = policy_loss(algorithm, logp, mb["old_lp"], mb["adv"], mb["resp_mask"],
                                     **loss_cfg, **counts)
+        if kl is not None:
+            coef, estimator = kl
+            mode = resolve_settings(algorithm, **loss_cfg).loss_agg_mode
+            kl_term, kl_metrics = kl_loss(logp, mb["ref_lp"], mb["resp_mask"], estimator, mode,
+                                          loss_scale_factor=loss_cfg.get("loss_scale_factor"),
+                                          **counts)
+            loss = loss + coef * kl_term
+            metrics = {**metrics, **kl_metrics}
         out = {k: v.detach().float().clone() for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         return loss * scale, out
 

@@ -145,3 +145,22 @@ def test_gradient_mode_drifts_as_documented():
         got = t["main"].view(-1)[frozen]
         assert not torch.equal(got, main0)
         torch.testing.assert_close(got, main0 * (1 - LR * WD) ** 3, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("start,n", [(0, 40), (3, 30), (5, 2), (8, 16), (13, 27), (0, 7)])
+def test_freeze_plan_covers_exactly_the_frozen_rows(start, n):
+    """Row-form gather/scatter of a shard that may start and end mid-row touches exactly the
+    elements of frozen rows (width 8, rows 0..4, rows 1 and 3 frozen)."""
+    from megatron_longact.longact.optimizer import _FreezePlan
+
+    width, keep = 8, torch.tensor([True, False, True, False, True])
+    frozen_elems = (~keep).repeat_interleave(width)[start:start + n]
+    plan = _FreezePlan(start, n, width, keep, torch.device("cpu"))
+    flat = torch.arange(float(n))
+    saved = plan.gather(flat)
+    flat.add_(100.0)  # "the optimizer step"
+    plan.scatter(flat, saved)
+    assert torch.equal(flat[frozen_elems], torch.arange(float(n))[frozen_elems])
+    assert torch.equal(flat[~frozen_elems], torch.arange(float(n))[~frozen_elems] + 100.0)
+    plan.fill_zero(flat)
+    assert not flat[frozen_elems].any() and flat[~frozen_elems].all()

@@ -28,6 +28,53 @@ from megatron_longact.longact.config import LongActConfig
 from megatron_longact.longact.controller import LongAct, LongActGroups, megatron_groups
 
 
+class _FreezePlan:
+    """Where the frozen entries of one shard-local main tensor are, in row form.
+
+    A shard covers elements [start, start + n) of the flattened TP-local weight, rows of ``width``
+    elements. It splits into a partial head row, whole rows, and a partial tail row (under the
+    distributed optimizer a shard may start and end mid-row). Whole frozen rows are gathered and
+    scattered as rows (contiguous copies, an index per row rather than per element); the at most
+    two partial rows are copied whole when frozen.
+    """
+
+    def __init__(self, start: int, n: int, width: int, keep_rows: torch.Tensor, device):
+        first_full = -(-start // width)
+        end = start + n
+        last_full = end // width
+        self.width = width
+        if first_full <= last_full:
+            self.mid = (first_full * width - start, last_full - first_full)
+            frozen = ~keep_rows[first_full:last_full]
+            self.mid_idx = frozen.nonzero().squeeze(1).to(device)
+            edges = []
+            if start < first_full * width and not bool(keep_rows[first_full - 1]):
+                edges.append(slice(0, first_full * width - start))
+            if last_full * width < end and not bool(keep_rows[last_full]):
+                edges.append(slice(last_full * width - start, n))
+        else:  # the shard lies inside one row
+            self.mid, self.mid_idx = (0, 0), torch.zeros(0, dtype=torch.long, device=device)
+            edges = [] if bool(keep_rows[start // width]) else [slice(0, n)]
+        self.edges = edges
+
+    def _mid(self, flat: torch.Tensor) -> torch.Tensor:
+        off, rows = self.mid
+        return flat[off:off + rows * self.width].view(rows, self.width)
+
+    def gather(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [self._mid(flat).index_select(0, self.mid_idx)] + [flat[e].clone() for e in self.edges]
+
+    def scatter(self, flat: torch.Tensor, saved: list[torch.Tensor]) -> None:
+        self._mid(flat).index_copy_(0, self.mid_idx, saved[0])
+        for e, values in zip(self.edges, saved[1:]):
+            flat[e].copy_(values)
+
+    def fill_zero(self, flat: torch.Tensor) -> None:
+        self._mid(flat).index_fill_(0, self.mid_idx, 0)
+        for e in self.edges:
+            flat[e].zero_()
+
+
 class _Target:
     """A linear_qkv weight or bias with its main-parameter reference."""
 
@@ -35,8 +82,13 @@ class _Target:
         self.ref = ref
         self.row_slot = row_slot  # index into LongAct.local_qkv_row_masks()
         self.row_width = row_width  # elements per row (hidden size for the weight, 1 for the bias)
-        self.frozen: torch.Tensor | None = None  # shard-local bool mask, this step only
+        self.plan: _FreezePlan | None = None  # frozen entries of the main shard, this step only
         self.frozen_rows: torch.Tensor | None = None  # TP-local indices of the frozen rows
+
+    def freeze_plan(self, keep_rows_P: torch.Tensor) -> _FreezePlan:
+        main = self.ref.main_param
+        return _FreezePlan(self.ref.flat_start, main.numel(), self.row_width, keep_rows_P.cpu(),
+                           main.device)
 
     def element_mask(self, keep_rows_P: torch.Tensor) -> torch.Tensor:
         """Shard-local bool mask of frozen elements of the main parameter."""
@@ -120,22 +172,21 @@ class LongActHandle:
         rows = self.longact.local_qkv_row_masks()
         freezing = self.cfg.strategy != "none" and bool(rows)
         if freezing and self._element_masks_step != self.longact.state.last_mask_step:
-            # Element masks change only when the mask does (every step for every_step).
-            # Shard-local element masks (for the main params and state) and TP-local frozen row
+            # Shard-local freeze plans (for the main params and state) and TP-local frozen row
             # indices (for the gradients), rebuilt only when the mask changes.
             self._element_masks = {
-                id(t): (t.element_mask(rows[t.row_slot][1]),
+                id(t): (t.freeze_plan(rows[t.row_slot][1]),
                         (~rows[t.row_slot][1]).nonzero().squeeze(1).to(t.ref.model_param.device))
                 for t in self._targets}
             self._element_masks_step = self.longact.state.last_mask_step
         for t in self._targets:
-            t.frozen, t.frozen_rows = self._element_masks[id(t)] if freezing else (None, None)
+            t.plan, t.frozen_rows = self._element_masks[id(t)] if freezing else (None, None)
         self._removed_fraction = self._zero_frozen_grads(rows) if freezing else None
         try:
             result = self._orig_step(*args, **kwargs)
         finally:
             for t in self._targets:
-                t.frozen = t.frozen_rows = None
+                t.plan = t.frozen_rows = None
             self._saved.clear()
         self.step_count += 1
         return result
@@ -177,29 +228,27 @@ class LongActHandle:
                 if torch.is_tensor(v) and v.shape == main.shape}
 
     def _snapshot(self, torch_opt, args, kwargs) -> None:
-        # Whole-tensor copies (plain memcpy) and one masked select on restore are cheaper than
-        # gathering and scattering the frozen ~70% element by element.
         for t in self._targets:
-            if t.frozen is None or t.ref.torch_optimizer is not torch_opt:
+            if t.plan is None or t.ref.torch_optimizer is not torch_opt:
                 continue
             main = t.ref.main_param
             state = self._state_tensors(torch_opt, main)
-            self._saved.append((t, main.detach().clone(), {k: v.clone() for k, v in state.items()}))
+            self._saved.append((t, t.plan.gather(main.data.view(-1)),
+                                {k: t.plan.gather(v.view(-1)) for k, v in state.items()}))
 
     def _restore(self, torch_opt, args, kwargs) -> None:
         for t, param_values, state_values in self._saved:
             if t.ref.torch_optimizer is not torch_opt:
                 continue
             main = t.ref.main_param
-            frozen = t.frozen.view(main.shape)
-            torch.where(frozen, param_values, main.data, out=main.data)
+            t.plan.scatter(main.data.view(-1), param_values)
             for k, v in self._state_tensors(torch_opt, main).items():
                 if k in state_values:
-                    torch.where(frozen, state_values[k], v, out=v)
+                    t.plan.scatter(v.view(-1), state_values[k])
                 else:
                     # State this very step created (the first step) starts from zero for frozen
                     # entries, as if the step never touched them.
-                    v.masked_fill_(frozen, 0)
+                    t.plan.fill_zero(v.view(-1))
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -62,7 +62,10 @@ def _run(runtime, dtype, distributed, longact_cfg, steps, clip=1.0, bucket=None)
             keep_rows = rows.get(id(t.ref.model_param))
             if keep_rows is None:  # a bias: find its weight's rows
                 keep_rows = rows[id(gpt.get_submodule(name.rsplit(".", 1)[0]).weight)]
-            frozen = t.element_mask(keep_rows)
+            # Frozen elements of this rank's main shard, derived independently: every element of a
+            # frozen row, cut to the shard's flat range.
+            start, n = t.ref.flat_start, main.numel()
+            frozen = (~keep_rows).repeat_interleave(t.row_width)[start:start + n]
             out["targets"].append(dict(
                 name=name, keep_rows=keep_rows, frozen=frozen, main=main.detach().clone(),
                 exp_avg=state["exp_avg"].clone(), exp_avg_sq=state["exp_avg_sq"].clone(),

@@ -90,15 +90,6 @@ class _Target:
         return _FreezePlan(self.ref.flat_start, main.numel(), self.row_width, keep_rows_P.cpu(),
                            main.device)
 
-    def element_mask(self, keep_rows_P: torch.Tensor) -> torch.Tensor:
-        """Shard-local bool mask of frozen elements of the main parameter."""
-        start, n, w = self.ref.flat_start, self.ref.main_param.numel(), self.row_width
-        r0, r1 = start // w, (start + n - 1) // w + 1
-        frozen_rows = ~keep_rows_P[r0:r1].to(self.ref.main_param.device)
-        elems = frozen_rows.repeat_interleave(w)
-        off = start - r0 * w
-        return elems[off:off + n]
-
 
 class LongActHandle:
     """What :func:`install` returns: the controller plus the optimizer integration."""
@@ -109,8 +100,8 @@ class LongActHandle:
         self.cfg = cfg
         self.step_count = 0
         self._removed_fraction: torch.Tensor | None = None
-        self._element_masks: dict[int, torch.Tensor] = {}
-        self._element_masks_step = None
+        self._freeze_plans: dict[int, tuple] = {}
+        self._plans_step = None
         self._targets = self._find_targets(main_param_refs(optimizer)) if cfg.enabled else []
         self._orig_step = optimizer.step
         self._hook_handles = []
@@ -171,16 +162,16 @@ class LongActHandle:
         self.longact.end_step(self.step_count)
         rows = self.longact.local_qkv_row_masks()
         freezing = self.cfg.strategy != "none" and bool(rows)
-        if freezing and self._element_masks_step != self.longact.state.last_mask_step:
+        if freezing and self._plans_step != self.longact.state.last_mask_step:
             # Shard-local freeze plans (for the main params and state) and TP-local frozen row
             # indices (for the gradients), rebuilt only when the mask changes.
-            self._element_masks = {
+            self._freeze_plans = {
                 id(t): (t.freeze_plan(rows[t.row_slot][1]),
                         (~rows[t.row_slot][1]).nonzero().squeeze(1).to(t.ref.model_param.device))
                 for t in self._targets}
-            self._element_masks_step = self.longact.state.last_mask_step
+            self._plans_step = self.longact.state.last_mask_step
         for t in self._targets:
-            t.plan, t.frozen_rows = self._element_masks[id(t)] if freezing else (None, None)
+            t.plan, t.frozen_rows = self._freeze_plans[id(t)] if freezing else (None, None)
         self._removed_fraction = self._zero_frozen_grads(rows) if freezing else None
         try:
             result = self._orig_step(*args, **kwargs)

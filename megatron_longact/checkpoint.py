@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_longact.models.builder import unwrap
+
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -126,13 +128,13 @@ def _sharded_state_dict(model_chunks, optimizer, objects: dict, *, is_loading: b
 
     if len(model_chunks) != 1:
         raise NotImplementedError("checkpoints of virtual-pipeline model chunks are not supported yet")
-    model_sd = _gpt(model_chunks[0]).sharded_state_dict()
+    model_sd = unwrap(model_chunks[0]).sharded_state_dict()
     sd = {"model": model_sd}
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_SHARDING)
     for name, module in (extra_models or {}).items():
         # Frozen companions of the model (e.g. the RL reference policy), under their own prefix.
-        sd[f"model_{name}"] = _gpt(module).sharded_state_dict(prefix=f"{name}.")
+        sd[f"model_{name}"] = unwrap(module).sharded_state_dict(prefix=f"{name}.")
     rank = _rank()
     for key, obj in objects.items():
         # Global objects (identical on every rank): saved once, by global rank 0.
@@ -150,12 +152,6 @@ def _sharded_state_dict(model_chunks, optimizer, objects: dict, *, is_loading: b
                               (pp, tp), replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
     return sd
 
-
-def _gpt(model):
-    """The GPTModel inside DDP / Float16Module: its state-dict keys carry no wrapper prefix."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _megatron_rng_states():
@@ -223,10 +219,10 @@ def load(folder: str | Path, model_chunks, optimizer, object_keys: list[str], *,
         loaded = dist_checkpointing.load(sd, str(folder))
     except Exception as exc:  # noqa: BLE001 - re-raised with the checkpoint named
         raise CheckpointError(f"checkpoint {folder} could not be loaded: {type(exc).__name__}: {exc}") from exc
-    _gpt(model_chunks[0]).load_state_dict(loaded["model"])
+    unwrap(model_chunks[0]).load_state_dict(loaded["model"])
     for name, module in (extra_models or {}).items():
         prefix = f"{name}."
-        _gpt(module).load_state_dict({k[len(prefix):] if k.startswith(prefix) else k: v
+        unwrap(module).load_state_dict({k[len(prefix):] if k.startswith(prefix) else k: v
                                       for k, v in loaded[f"model_{name}"].items()})
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])

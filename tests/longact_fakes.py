@@ -3,7 +3,6 @@ chosen q/k tensors straight into the statistics collector."""
 
 from types import SimpleNamespace
 
-import torch
 from torch import nn
 
 

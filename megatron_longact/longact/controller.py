@@ -13,6 +13,7 @@ from megatron_longact.longact.layout import QKGeometry
 from megatron_longact.longact.metrics import saliency_heatmap, step_metrics
 from megatron_longact.longact.state import MaskState
 from megatron_longact.longact.stats import GlobalStats, StatsCollector
+from megatron_longact.models.builder import unwrap
 
 
 @dataclass
@@ -42,11 +43,6 @@ def megatron_groups() -> LongActGroups:
     )
 
 
-def _gpt(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
 
 class LongAct:
     """Per-model LongAct state and hooks.
@@ -63,7 +59,7 @@ class LongAct:
         self.cfg = cfg
         self.groups = groups
         self.geometry = QKGeometry.from_transformer_config(tconfig)
-        self.gpt_models = [_gpt(m) for m in model_chunks]
+        self.gpt_models = [unwrap(m) for m in model_chunks]
         self.state = MaskState(cfg, self.geometry)
         self.last_stats: GlobalStats | None = None
         self.collector = None

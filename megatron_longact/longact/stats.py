@@ -120,7 +120,7 @@ class StatsCollector:
         """Zero the accumulators (after each reduction)."""
         n = len(self._layers)
         g = self.geometry
-        device = getattr(self, "_device", None) or torch.device("cpu")
+        device = self._device or torch.device("cpu")
         self._q = torch.zeros(n, g.q_channels, dtype=torch.float32, device=device)
         self._k = torch.zeros(n, g.k_channels, dtype=torch.float32, device=device)
         self._count = torch.zeros(n, dtype=torch.float64, device=device)

@@ -276,8 +276,9 @@ class Trainer:
             if self.handle is not None:
                 self.handle.set_collecting(True)
         texts = [self.tokenizer.decode(gen.response_ids(i)) for i in range(len(prompts))]
-        scores = torch.tensor([self.reward.score(t, records[i // G]) for i, t in enumerate(texts)])
-        rewards = torch.tensor([self.reward(t, records[i // G]) for i, t in enumerate(texts)])
+        scores = [self.reward.score(t, records[i // G]) for i, t in enumerate(texts)]
+        rewards = torch.tensor([self.reward.shape(x) for x in scores])
+        scores = torch.tensor(scores)
         if rl.overlong_buffer:
             rewards = rewards + soft_overlong_punishment(gen.response_lengths, rl.max_new_tokens,
                                                          rl.overlong_buffer)
@@ -621,13 +622,12 @@ def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, tem
 
 def _reduce_metrics(acc: dict[str, list[float]]) -> dict[str, float]:
     """Mean of each per-micro-batch metric over micro-batches and DP ranks (last stage)."""
-    from megatron_longact.training.engine import reduce_last_stage_mean
-
-    names = sorted(acc) if acc else []
-    # Every rank of the last stage has the same names; other stages learn them by broadcast.
     from megatron.core import parallel_state as ps
 
-    obj = [names]
+    from megatron_longact.training.engine import reduce_last_stage_mean
+
+    # Every rank of the last stage has the same names; other stages learn them by broadcast.
+    obj = [sorted(acc)]
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast_object_list(obj, src=ps.get_pipeline_model_parallel_last_rank(),
                                    group=ps.get_pipeline_model_parallel_group())

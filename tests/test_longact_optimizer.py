@@ -167,3 +167,79 @@ def test_freeze_plan_covers_exactly_the_frozen_rows(start, n):
     assert torch.equal(flat[~frozen_elems], torch.arange(float(n))[~frozen_elems] + 100.0)
     plan.fill_zero(flat)
     assert not flat[frozen_elems].any() and flat[~frozen_elems].all()
+
+
+def _run_counting(runtime, steps):
+    """Train with a mask recomputed every step after one full warm-up step (so frozen rows carry
+    non-zero Adam moments from earlier steps); record, per step, how many elements the inner torch
+    optimizers were handed and which entries of the main shards and moments changed."""
+    from functools import partial
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_longact.compat import inner_optimizers
+    from megatron_longact.longact.optimizer import install
+    from megatron_longact.training.engine import setup_engine, train_step
+    from megatron_longact.training.lm import _forward_step, micro_batches_for_step
+
+    train = TrainConfig(steps=steps, seq_length=32, micro_batch_size=2, global_batch_size=4, lr=LR,
+                        weight_decay=WD, use_distributed_optimizer=True, ddp_bucket_size=3000)
+    engine = setup_engine(_tiny("bf16"), train, runtime.parallel)
+    handle = install(engine.model, engine.optimizer, LongActConfig(warmup_steps=1, keep_ratio=0.3))
+    stepped = []
+
+    def count(opt, args, kwargs):  # registered after LongAct's hook: sees what the step sees
+        stepped.append(sum(p.numel() for g in opt.param_groups for p in g["params"]
+                           if p.grad is not None))
+
+    for opt in inner_optimizers(engine.optimizer):
+        opt.optimizer.register_step_pre_hook(count)
+    total = sum(p.numel() for opt in inner_optimizers(engine.optimizer)
+                for g in opt.optimizer.param_groups for p in g["params"])
+    rows_by_weight = None
+    out = []
+    num_mb = train.num_microbatches(ps.get_data_parallel_world_size())
+    for step in range(steps):
+        before = []
+        for t in handle._targets:
+            st = t.ref.torch_optimizer.state.get(t.ref.main_param, {})
+            before.append([t.ref.main_param.detach().clone()] +
+                          [st[k].clone() for k in ("exp_avg", "exp_avg_sq") if k in st])
+        stepped.clear()
+        train_step(engine, partial(_forward_step, handle),
+                   iter(micro_batches_for_step(step, engine, runtime.device)), num_mb,
+                   train.seq_length, train.micro_batch_size)
+        rows_by_weight = {id(m.weight): r for m, r in handle.longact.local_qkv_row_masks()}
+        frozen_total, checks = 0, []
+        for t, prev in zip(handle._targets, before):
+            keep = rows_by_weight.get(id(t.ref.model_param)) if t.row_width > 1 else None
+            if keep is None:
+                continue
+            start, n = t.ref.flat_start, t.ref.main_param.numel()
+            frozen = (~keep).repeat_interleave(t.row_width)[start:start + n]
+            frozen_total += int(frozen.sum())
+            st = t.ref.torch_optimizer.state[t.ref.main_param]
+            now = [t.ref.main_param.detach(), st["exp_avg"], st["exp_avg_sq"]]
+            checks.append(dict(
+                frozen_same=all(torch.equal(a.view(-1)[frozen], b.view(-1)[frozen])
+                                for a, b in zip(prev, now)) if len(prev) == 3 else None,
+                moments_nonzero=bool(len(prev) == 3 and prev[1].view(-1)[frozen].any()),
+                kept_moved=not torch.equal(prev[0].view(-1)[~frozen], now[0].view(-1)[~frozen])))
+        out.append(dict(stepped=sum(stepped), total=total, frozen=frozen_total, checks=checks))
+    return out
+
+
+def test_optimizer_steps_only_the_kept_rows():
+    """The inner torch optimizer is handed the kept rows only (frozen rows cost no optimizer work),
+    and frozen rows that carry non-zero moments from earlier steps keep main values and moments to
+    the bit while the mask changes every step; DP=2 with weights split mid-row."""
+    results = run_distributed(_run_counting, args=(3,), dp=2)
+    for per_step in results:
+        first = per_step[0]
+        assert first["frozen"] == 0 and first["stepped"] == first["total"]  # warm-up: full update
+        for s in per_step[1:]:
+            assert s["frozen"] > 0
+            assert s["stepped"] == s["total"] - s["frozen"], s
+            for c in s["checks"]:
+                assert c["frozen_same"] and c["kept_moved"], c
+        assert any(c["moments_nonzero"] for s in per_step[1:] for c in s["checks"])

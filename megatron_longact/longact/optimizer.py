@@ -5,15 +5,18 @@
 2. zeroes the gradients of frozen W_Q/W_K rows (and q/k bias entries with ``include_bias``) in the
    model's gradient buffers, before megatron copies them to the main gradients, computes the
    gradient norm and clips;
-3. with ``apply_to=update``, snapshots the frozen entries of every main parameter it touches and of
-   the optimizer state tensors shaped like it (Adam's exp_avg, exp_avg_sq) right before the torch
-   optimizer steps, and writes them back right after it, before megatron copies main parameters to
-   the model parameters. Frozen entries therefore keep their main value and moments exactly, whatever
-   the learning rate and weight decay, and the bf16 model copy stays the cast of that value.
+3. with ``apply_to=update``, hands the torch optimizer only the kept rows: right before it steps,
+   each linear_qkv main shard in its param list is replaced by compact copies of its kept rows (main
+   values, gradients and the state tensors shaped like it, Adam's exp_avg and exp_avg_sq), and right
+   after it the compact results are scattered back, before megatron copies main parameters to the
+   model parameters. Frozen entries are never read or written by the optimizer, so they keep their
+   main value and moments exactly, whatever the learning rate and weight decay, the bf16 model copy
+   stays the cast of that value, and the optimizer does no work on them. Optimizer state lives in
+   the normal full layout between steps (checkpoints are unchanged). See docs/optimizer_freeze.md.
 
 Index spaces: row masks are TP-local (rows of this rank's ``linear_qkv``); element masks are
 shard-local (elements of the main parameter this DP rank owns, which may start and end mid-row).
-Only the per-channel masks persist between steps; element masks and snapshots are transient.
+Only the per-channel masks persist between steps; row plans and compact copies are transient.
 """
 
 from __future__ import annotations
@@ -28,33 +31,34 @@ from megatron_longact.longact.config import LongActConfig
 from megatron_longact.longact.controller import LongAct, LongActGroups, megatron_groups
 
 
-class _FreezePlan:
-    """Where the frozen entries of one shard-local main tensor are, in row form.
+class _RowPlan:
+    """Where the selected rows of one shard-local main tensor are, in row form.
 
     A shard covers elements [start, start + n) of the flattened TP-local weight, rows of ``width``
     elements. It splits into a partial head row, whole rows, and a partial tail row (under the
-    distributed optimizer a shard may start and end mid-row). Whole frozen rows are gathered and
+    distributed optimizer a shard may start and end mid-row). Whole selected rows are gathered and
     scattered as rows (contiguous copies, an index per row rather than per element); the at most
-    two partial rows are copied whole when frozen.
+    two partial rows are copied whole when selected. ``gather`` returns the pieces in a fixed
+    order (the whole rows as one [rows, width] tensor, possibly with zero rows, then the selected
+    partial rows); ``scatter`` takes the same list back.
     """
 
-    def __init__(self, start: int, n: int, width: int, keep_rows: torch.Tensor, device):
+    def __init__(self, start: int, n: int, width: int, selected_rows: torch.Tensor, device):
         first_full = -(-start // width)
         end = start + n
         last_full = end // width
         self.width = width
         if first_full <= last_full:
             self.mid = (first_full * width - start, last_full - first_full)
-            frozen = ~keep_rows[first_full:last_full]
-            self.mid_idx = frozen.nonzero().squeeze(1).to(device)
+            self.mid_idx = selected_rows[first_full:last_full].nonzero().squeeze(1).to(device)
             edges = []
-            if start < first_full * width and not bool(keep_rows[first_full - 1]):
+            if start < first_full * width and bool(selected_rows[first_full - 1]):
                 edges.append(slice(0, first_full * width - start))
-            if last_full * width < end and not bool(keep_rows[last_full]):
+            if last_full * width < end and bool(selected_rows[last_full]):
                 edges.append(slice(last_full * width - start, n))
         else:  # the shard lies inside one row
             self.mid, self.mid_idx = (0, 0), torch.zeros(0, dtype=torch.long, device=device)
-            edges = [] if bool(keep_rows[start // width]) else [slice(0, n)]
+            edges = [slice(0, n)] if bool(selected_rows[start // width]) else []
         self.edges = edges
 
     def _mid(self, flat: torch.Tensor) -> torch.Tensor:
@@ -75,6 +79,20 @@ class _FreezePlan:
             flat[e].zero_()
 
 
+class _FreezePlan(_RowPlan):
+    """The frozen rows of a shard (the complement of ``keep_rows``)."""
+
+    def __init__(self, start: int, n: int, width: int, keep_rows: torch.Tensor, device):
+        super().__init__(start, n, width, ~keep_rows, device)
+
+
+class _KeepPlan(_RowPlan):
+    """The kept (updated) rows of a shard: what the inner optimizer steps under ``apply_to=update``."""
+
+    def __init__(self, start: int, n: int, width: int, keep_rows: torch.Tensor, device):
+        super().__init__(start, n, width, keep_rows, device)
+
+
 class _Target:
     """A linear_qkv weight or bias with its main-parameter reference."""
 
@@ -82,13 +100,13 @@ class _Target:
         self.ref = ref
         self.row_slot = row_slot  # index into LongAct.local_qkv_row_masks()
         self.row_width = row_width  # elements per row (hidden size for the weight, 1 for the bias)
-        self.plan: _FreezePlan | None = None  # frozen entries of the main shard, this step only
+        self.plan: _KeepPlan | None = None  # kept entries of the main shard, this step only
         self.frozen_rows: torch.Tensor | None = None  # TP-local indices of the frozen rows
 
-    def freeze_plan(self, keep_rows_P: torch.Tensor) -> _FreezePlan:
+    def keep_plan(self, keep_rows_P: torch.Tensor) -> _KeepPlan:
         main = self.ref.main_param
-        return _FreezePlan(self.ref.flat_start, main.numel(), self.row_width, keep_rows_P.cpu(),
-                           main.device)
+        return _KeepPlan(self.ref.flat_start, main.numel(), self.row_width, keep_rows_P.cpu(),
+                         main.device)
 
 
 class LongActHandle:
@@ -110,9 +128,12 @@ class LongActHandle:
             if cfg.apply_to == "update":
                 for torch_opt in {id(t.ref.torch_optimizer): t.ref.torch_optimizer
                                   for t in self._targets}.values():
-                    self._hook_handles.append(torch_opt.register_step_pre_hook(self._snapshot))
-                    self._hook_handles.append(torch_opt.register_step_post_hook(self._restore))
-        self._saved: list[tuple[_Target, torch.Tensor, dict]] = []
+                    self._hook_handles.append(torch_opt.register_step_pre_hook(self._compact))
+                    self._hook_handles.append(torch_opt.register_step_post_hook(self._expand))
+        # While one torch optimizer steps: (target, its compact pieces, whether it had state) and
+        # the param lists the pieces stand in for.
+        self._swapped: list[tuple[_Target, list[torch.Tensor], bool]] = []
+        self._saved_params: list[tuple[dict, list]] = []
 
     # -- wiring ------------------------------------------------------------------------------
     def _find_targets(self, refs: list[MainParamRef]) -> list[_Target]:
@@ -163,10 +184,10 @@ class LongActHandle:
         rows = self.longact.local_qkv_row_masks()
         freezing = self.cfg.strategy != "none" and bool(rows)
         if freezing and self._plans_step != self.longact.state.last_mask_step:
-            # Shard-local freeze plans (for the main params and state) and TP-local frozen row
+            # Shard-local keep plans (for the main params and state) and TP-local frozen row
             # indices (for the gradients), rebuilt only when the mask changes.
             self._freeze_plans = {
-                id(t): (t.freeze_plan(rows[t.row_slot][1]),
+                id(t): (t.keep_plan(rows[t.row_slot][1]),
                         (~rows[t.row_slot][1]).nonzero().squeeze(1).to(t.ref.model_param.device))
                 for t in self._targets}
             self._plans_step = self.longact.state.last_mask_step
@@ -178,7 +199,8 @@ class LongActHandle:
         finally:
             for t in self._targets:
                 t.plan = t.frozen_rows = None
-            self._saved.clear()
+            self._restore_param_lists()
+            self._swapped.clear()
         self.step_count += 1
         return result
 
@@ -212,34 +234,80 @@ class LongActHandle:
                 dist.all_reduce(sums, group=group)
         return sums
 
-    @staticmethod
-    def _state_tensors(torch_opt, main) -> dict:
-        """Optimizer state shaped like ``main`` (exp_avg, exp_avg_sq, ...); not the step counter."""
-        return {k: v for k, v in torch_opt.state.get(main, {}).items()
-                if torch.is_tensor(v) and v.shape == main.shape}
+    def _compact(self, torch_opt, args, kwargs) -> None:
+        """Before the torch optimizer steps: put compact copies of the kept rows of each target's
+        main shard (with their gradient and state) in its param list in place of the full shard.
 
-    def _snapshot(self, torch_opt, args, kwargs) -> None:
+        The optimizer then never reads or writes a frozen row: frozen main values and moments stay
+        as they were because nothing touches them, and no work is spent on them. Elementwise
+        optimizers (Adam(W), also as multi-tensor kernels) give each kept element exactly the
+        update the full tensor would get. Gradient norm and clipping already ran over the full
+        shards (megatron reads the param groups before this hook), so they are unchanged.
+        """
+        by_main = {}
         for t in self._targets:
-            if t.plan is None or t.ref.torch_optimizer is not torch_opt:
-                continue
             main = t.ref.main_param
-            state = self._state_tensors(torch_opt, main)
-            self._saved.append((t, t.plan.gather(main.data.view(-1)),
-                                {k: t.plan.gather(v.view(-1)) for k, v in state.items()}))
+            if t.plan is None or t.ref.torch_optimizer is not torch_opt or main.grad is None:
+                continue
+            state = torch_opt.state.get(main, {})
+            pieces = t.plan.gather(main.data.view(-1))
+            grads = t.plan.gather(main.grad.view(-1))
+            had_state = len(state) > 0
+            piece_states = [{} for _ in pieces]
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.shape == main.shape:  # exp_avg, exp_avg_sq, ...
+                    for ps_, part in zip(piece_states, t.plan.gather(v.view(-1))):
+                        ps_[k] = part
+                else:  # the step counter and other per-tensor scalars: one copy per piece, since
+                    # the optimizer increments them in place once per tensor it steps
+                    for ps_ in piece_states:
+                        ps_[k] = v.clone() if torch.is_tensor(v) else v
+            for piece, grad, ps_ in zip(pieces, grads, piece_states):
+                piece.grad = grad
+                if ps_:
+                    torch_opt.state[piece] = ps_
+            by_main[id(main)] = pieces
+            self._swapped.append((t, pieces, had_state))
+        if not by_main:
+            return
+        for group in torch_opt.param_groups:
+            params = group["params"]
+            if any(id(p) in by_main for p in params):
+                self._saved_params.append((group, params))
+                new = []
+                for p in params:
+                    new.extend(by_main.get(id(p), (p,)))
+                group["params"] = new
 
-    def _restore(self, torch_opt, args, kwargs) -> None:
-        for t, param_values, state_values in self._saved:
+    def _expand(self, torch_opt, args, kwargs) -> None:
+        """After the torch optimizer step: scatter the compact pieces back into the full main
+        shards and their state (state is kept in the full layout between steps, so checkpoints,
+        megatron's main-to-model copy and the grad norm see ordinary tensors)."""
+        self._restore_param_lists()
+        for t, pieces, had_state in self._swapped:
             if t.ref.torch_optimizer is not torch_opt:
                 continue
             main = t.ref.main_param
-            t.plan.scatter(main.data.view(-1), param_values)
-            for k, v in self._state_tensors(torch_opt, main).items():
-                if k in state_values:
-                    t.plan.scatter(v.view(-1), state_values[k])
+            t.plan.scatter(main.data.view(-1), pieces)
+            piece_states = [torch_opt.state.pop(p, {}) for p in pieces]
+            full = torch_opt.state[main]
+            for k, v0 in piece_states[0].items():
+                if torch.is_tensor(v0) and v0.shape == pieces[0].shape:
+                    if not had_state or k not in full:
+                        # State this very step created (the first step) starts from zero for
+                        # frozen entries, as if the step never touched them.
+                        full[k] = torch.zeros_like(main)
+                    t.plan.scatter(full[k].view(-1), [ps_[k] for ps_ in piece_states])
                 else:
-                    # State this very step created (the first step) starts from zero for frozen
-                    # entries, as if the step never touched them.
-                    t.plan.fill_zero(v.view(-1))
+                    full[k] = v0
+            for p in pieces:
+                p.grad = None
+        self._swapped = [s for s in self._swapped if s[0].ref.torch_optimizer is not torch_opt]
+
+    def _restore_param_lists(self) -> None:
+        for group, params in self._saved_params:
+            group["params"] = params
+        self._saved_params.clear()
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,17 +1,26 @@
-"""LongAct optimizer overhead on the tiny model, side by side in one process.
+"""LongAct optimizer overhead, side by side in one process.
 
-Two engines with identical weights (bf16, DistributedOptimizer): one plain, one with
+For each case, two engines with identical weights (bf16, DistributedOptimizer): one plain, one with
 ``megatron_longact.install``. Each iteration runs forward/backward on both (untimed), then times
-``optimizer.step()`` of each, alternating which goes first. Prints the median step times, their
-ratio (target <= 1.05 on CPU) and the bytes LongAct keeps between steps on this rank (target: no
-per-element mask of full weight size).
+``optimizer.step()`` of each, alternating which goes first. Cases:
 
-Run: python benchmarks/optimizer_overhead.py [--iters 30] [--config configs/model/tiny.yaml]
+- ``small``: the 30 M-parameter model (``configs/model/small.yaml``), every parameter trains;
+- ``qwen3_8b_qkv``: one Qwen3-8B attention layer shape (hidden 4096, 32 heads, 8 groups, head dim
+  128, so linear_qkv is 6144 x 4096) where only linear_qkv trains: the DistributedOptimizer step
+  of that one weight;
+- ``tiny`` (only with ``--cases tiny``): the 0.2 M-parameter test model, dominated by per-op cost.
+
+Prints the median step times and their ratio LongAct/plain (target <= 1.00), then the bytes LongAct
+keeps between steps on one rank for a Llama-3-70B shape, taken from a real ``MaskState`` and
+``StatsCollector`` (80 layers, 64 heads, 8 groups, head dim 128; TP=8, PP=4: 20 layers per rank).
+
+Run: python benchmarks/optimizer_overhead.py [--iters 20] [--cases small,qwen3_8b_qkv]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -24,30 +33,36 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def main() -> int:
-    from megatron.core import parallel_state as ps
+def _case(name: str):
+    from megatron_longact.models.config import ModelConfig
+    from megatron_longact.run_config import load_run_config
+
+    if name in ("small", "tiny"):
+        return load_run_config(str(ROOT / f"configs/model/{name}.yaml")).model, None
+    if name == "qwen3_8b_qkv":
+        full = load_run_config(str(ROOT / "configs/model/qwen3_8b.yaml")).model
+        # One layer with the real attention shape; a small vocabulary and FFN keep the (untimed)
+        # forward/backward cheap. Only linear_qkv trains, so the timed step is that weight's.
+        cfg = dataclasses.replace(full, num_layers=1, ffn_hidden_size=256, vocab_size=263,
+                                  max_position_embeddings=512)
+        assert isinstance(cfg, ModelConfig)
+        return cfg, (lambda n: n.endswith("self_attention.linear_qkv.weight"))
+    raise SystemExit(f"--cases: unknown case {name!r}; expected small, qwen3_8b_qkv or tiny")
+
+
+def measure(model_cfg, trainable, iters: int, seq: int, parallel, device):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_longact.longact import LongActConfig
     from megatron_longact.longact.optimizer import install
-    from megatron_longact.run_config import load_run_config
-    from megatron_longact.runtime import initialize
     from megatron_longact.training.config import TrainConfig
     from megatron_longact.training.engine import setup_engine
     from megatron_longact.training.lm import _forward_step, micro_batches_for_step
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--config", default=str(ROOT / "configs/model/tiny.yaml"))
-    p.add_argument("--seq", type=int, default=128)
-    args = p.parse_args()
-
-    cfg = load_run_config(args.config)
-    runtime = initialize(cfg.parallel, seed=0)
-    train = TrainConfig(steps=args.iters + 3, seq_length=args.seq, micro_batch_size=2,
-                        global_batch_size=2, lr=1e-3, weight_decay=0.1)
-    plain = setup_engine(cfg.model, train, runtime.parallel)
-    masked = setup_engine(cfg.model, train, runtime.parallel)
+    train = TrainConfig(steps=iters + 3, seq_length=seq, micro_batch_size=2, global_batch_size=2,
+                        lr=1e-3, weight_decay=0.1)
+    plain = setup_engine(model_cfg, train, parallel, trainable=trainable)
+    masked = setup_engine(model_cfg, train, parallel, trainable=trainable)
     handle = install(masked.model, masked.optimizer, LongActConfig())
 
     def fwd_bwd(engine, la, step):
@@ -56,40 +71,79 @@ def main() -> int:
         engine.optimizer.zero_grad()
         get_forward_backward_func()(
             forward_step_func=partial(_forward_step, la),
-            data_iterator=iter(micro_batches_for_step(step, engine, runtime.device)),
-            model=engine.model, num_microbatches=1, seq_length=args.seq, micro_batch_size=2,
+            data_iterator=iter(micro_batches_for_step(step, engine, device)),
+            model=engine.model, num_microbatches=1, seq_length=seq, micro_batch_size=2,
             forward_only=False)
 
-    def timed_step(engine):
-        t0 = time.perf_counter()
-        engine.optimizer.step()
-        return time.perf_counter() - t0
-
     times = {"plain": [], "longact": []}
-    for step in range(args.iters + 3):
+    for step in range(iters + 3):
         fwd_bwd(plain, None, step)
         fwd_bwd(masked, handle, step)
         order = [("plain", plain), ("longact", masked)]
         if step % 2:
             order.reverse()
         for name, engine in order:
-            dt = timed_step(engine)
+            t0 = time.perf_counter()
+            engine.optimizer.step()
             if step >= 3:  # warm-up: optimizer state allocation
-                times[name].append(dt)
-    tp = statistics.median(times["plain"])
-    tl = statistics.median(times["longact"])
-    qkv = sum(layer.self_attention.linear_qkv.weight.numel()
-              for layer in masked.gpt_models[0].decoder.layers)
-    print(f"model {args.config}: tp={ps.get_tensor_model_parallel_world_size()} "
-          f"dp={ps.get_data_parallel_world_size()}, {torch.get_num_threads()} threads, "
-          f"median of {args.iters} optimizer steps")
-    print(f"  plain megatron-core  {tp * 1e3:8.2f} ms")
-    print(f"  with LongAct         {tl * 1e3:8.2f} ms")
-    print(f"  ratio                {tl / tp:8.3f}   (target <= 1.05)")
-    print(f"  LongAct state kept between steps: {handle.persistent_bytes():,} bytes on this rank "
-          f"(a per-element fp32 mask of the local linear_qkv weights would be {qkv * 4:,} bytes)")
-    from megatron_longact.runtime import destroy
+                times[name].append(time.perf_counter() - t0)
+    trained = sum(p.numel() for p in masked.gpt_models[0].parameters() if p.requires_grad)
+    out = statistics.median(times["plain"]), statistics.median(times["longact"]), trained
+    del plain, masked, handle
+    return out
 
+
+def llama70b_state_bytes() -> tuple[int, int]:
+    """Bytes LongAct keeps between steps on one rank for Llama-3-70B (TP=8, PP=4), from the real
+    objects: the global mask state after two mask updates (current and previous masks) and this
+    rank's statistics accumulators. Returns (default config, with ema=0.9)."""
+    from megatron_longact.longact import LongActConfig
+    from megatron_longact.longact.layout import QKGeometry
+    from megatron_longact.longact.state import MaskState
+    from megatron_longact.longact.stats import GlobalStats, StatsCollector
+
+    geo = QKGeometry(num_layers=80, num_heads=64, num_groups=8, head_dim=128)
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for cfg in (LongActConfig(), LongActConfig(ema=0.9)):
+        state = MaskState(cfg, geo)
+        for step in range(2):
+            state.update(GlobalStats(torch.rand(80, geo.q_channels, generator=gen),
+                                     torch.rand(80, geo.k_channels, generator=gen),
+                                     torch.ones(80)), step)
+        # This rank's accumulators: a collector over no model, given the stage's 20 layer slots.
+        collector = StatsCollector([], geo, tp_rank=0, tp_size=8)
+        collector._layers = list(range(20))
+        collector.reset()
+        total = sum(t.numel() * t.element_size() for t in state.state_dict().values()
+                    if torch.is_tensor(t))
+        total += sum(t.numel() * t.element_size() for t in (collector._q, collector._k, collector._count))
+        results.append(total)
+    return results[0], results[1]
+
+
+def main() -> int:
+    from megatron_longact.runtime import ParallelConfig, destroy, initialize
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--cases", default="small,qwen3_8b_qkv")
+    p.add_argument("--seq", type=int, default=64)
+    args = p.parse_args()
+    cases = [c for c in args.cases.split(",") if c]
+    for c in cases:
+        _case(c)  # fail on a bad name before building anything
+    runtime = initialize(ParallelConfig(), seed=0)
+    print(f"{torch.get_num_threads()} threads, single process (DP=1, TP=1), median of {args.iters} "
+          f"optimizer steps per case, LongAct defaults (keep_ratio 0.3, every_step)")
+    print(f"  {'case':14s} {'trained params':>15s} {'plain ms':>10s} {'LongAct ms':>11s} {'ratio':>7s}")
+    for c in cases:
+        cfg, trainable = _case(c)
+        tp, tl, n = measure(cfg, trainable, args.iters, args.seq, runtime.parallel, runtime.device)
+        print(f"  {c:14s} {n:15,d} {tp * 1e3:10.2f} {tl * 1e3:11.2f} {tl / tp:7.3f}   (target <= 1.00)")
+    default, ema = llama70b_state_bytes()
+    print(f"LongAct state kept between steps, Llama-3-70B shape, one rank (TP=8, PP=4): "
+          f"{default:,} bytes (ema=0), {ema:,} bytes (ema=0.9)   (target <= 1,000,000)")
     destroy()
     return 0
 

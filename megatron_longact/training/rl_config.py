@@ -54,6 +54,12 @@ class RLConfig:
     """Passes over each rollout batch."""
     mini_batches: int = 1
     """Optimizer steps per pass (the rollout batch split into this many mini-batches)."""
+    old_log_probs: Literal["auto", "recompute"] = "auto"
+    """Where the old-policy log-probs of the ratio come from. ``auto``: when the update is exactly
+    on-policy (ppo_epochs = mini_batches = 1) they are the detached log-probs of the update's own
+    forward (the ratio is 1 by construction; no extra forward pass); otherwise one no-grad forward
+    recomputes them before the update. ``recompute``: always run that forward (e.g. for rollouts
+    whose sampler's log-probs differ from the trainer's)."""
     clip_ratio: float | None = None
     clip_low: float | None = None
     clip_high: float | None = None
@@ -95,6 +101,7 @@ class RLConfig:
                               f"rl.max_new_tokens={self.max_new_tokens}")
         check_positive("rl.kl_coef", self.kl_coef, allow_zero=True)
         check_choice("rl.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        check_choice("rl.old_log_probs", self.old_log_probs, ("auto", "recompute"))
         if self.prompts_per_step * self.group_size % self.mini_batches:
             raise ConfigError(f"rl.mini_batches: {self.mini_batches} does not divide the "
                               f"{self.prompts_per_step * self.group_size} responses of a step")

@@ -366,6 +366,7 @@ class Trainer:
         from megatron_longact.rl.advantages import compute_advantages
         from megatron_longact.rl.batch_stats import global_batch_counts
         from megatron_longact.rl.dapo import overlong_filter
+        from megatron_longact.rl.on_policy import needs_old_log_prob_forward
         from megatron_longact.training.engine import train_step
 
         cfg, rl = self.cfg, self.cfg.rl
@@ -390,11 +391,15 @@ class Trainer:
         advantage_name = rl.advantage or ("dr_grpo" if rl.algorithm == "dr_grpo" else "grpo")
         adv = compute_advantages(advantage_name, batch["rewards"].float(), rl.group_size)
         groups = ModelParallelGroups.from_parallel_state()
-        old_lp = sequence_log_probs(self.engine.model[0], tokens.to(self.runtime.device),
-                                    vocab_size=self.tokenizer.vocab_size, temperature=rl.temperature,
-                                    micro_batch_size=cfg.train.micro_batch_size, groups=groups).cpu()
+        # On-policy (one epoch, one mini-batch): the update's own detached log-probs serve as the
+        # old ones and no forward runs here (rl/on_policy.py); micro-batches then carry no old_lp.
+        old_lp = None
+        if needs_old_log_prob_forward(rl.ppo_epochs, rl.mini_batches, rl.old_log_probs):
+            old_lp = sequence_log_probs(self.engine.model[0], tokens.to(self.runtime.device),
+                                        vocab_size=self.tokenizer.vocab_size, temperature=rl.temperature,
+                                        micro_batch_size=cfg.train.micro_batch_size, groups=groups).cpu()
         # Reference log-probs for the KL term (rl.kl_coef > 0); zeros stand in otherwise.
-        ref_lp = torch.zeros_like(old_lp)
+        ref_lp = torch.zeros(n, S - 1)
         if self.ref_model is not None:
             ref_lp = sequence_log_probs(self.ref_model, tokens.to(self.runtime.device),
                                         vocab_size=self.tokenizer.vocab_size, temperature=rl.temperature,
@@ -422,7 +427,7 @@ class Trainer:
                     sl = slice(j, min(j + mb, rows.stop))
                     mbs.append({k: v[sl].to(device) for k, v in dict(
                         tokens=tokens, valid=valid, resp_BS=resp_BS, resp_mask=resp_mask,
-                        old_lp=old_lp, ref_lp=ref_lp, adv=adv).items()})
+                        old_lp=old_lp, ref_lp=ref_lp, adv=adv).items() if v is not None})
                 fwd = partial(_rl_forward_step, self.handle, rl.algorithm, loss_cfg,
                               counts.loss_kwargs(), scale, self.tokenizer.vocab_size, rl.temperature,
                               (rl.kl_coef, rl.kl_estimator) if self.ref_model is not None else None)
@@ -604,7 +609,9 @@ def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, tem
     def loss_func(logits_BSV):
         logp = vocab_parallel_log_probs(logits_BSV[:, :-1], tokens[:, 1:], vocab_size=vocab_size,
                                         temperature=temperature)
-        loss, metrics = policy_loss(algorithm, logp, mb["old_lp"], mb["adv"], mb["resp_mask"],
+        # No old_lp: the update is on-policy and pi_old is this very forward (rl/on_policy.py).
+        old_lp = mb["old_lp"] if "old_lp" in mb else logp.detach()
+        loss, metrics = policy_loss(algorithm, logp, old_lp, mb["adv"], mb["resp_mask"],
                                     **loss_cfg, **counts)
         if kl is not None:
             coef, estimator = kl

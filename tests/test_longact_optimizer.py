@@ -169,7 +169,7 @@ def test_freeze_plan_covers_exactly_the_frozen_rows(start, n):
     assert not flat[frozen_elems].any() and flat[~frozen_elems].all()
 
 
-def _run_counting(runtime, steps):
+def _run_counting(runtime, steps, min_run=None, warmup=1):
     """Train with a mask recomputed every step after one full warm-up step (so frozen rows carry
     non-zero Adam moments from earlier steps); record, per step, how many elements the inner torch
     optimizers were handed and which entries of the main shards and moments changed."""
@@ -177,15 +177,19 @@ def _run_counting(runtime, steps):
 
     from megatron.core import parallel_state as ps
 
+    import megatron_longact.longact.optimizer as longact_optimizer
     from megatron_longact.compat import inner_optimizers
     from megatron_longact.longact.optimizer import install
+
+    if min_run is not None:  # step short runs of kept rows in place too (views, not copies)
+        longact_optimizer.MIN_IN_PLACE_RUN = min_run
     from megatron_longact.training.engine import setup_engine, train_step
     from megatron_longact.training.lm import _forward_step, micro_batches_for_step
 
     train = TrainConfig(steps=steps, seq_length=32, micro_batch_size=2, global_batch_size=4, lr=LR,
                         weight_decay=WD, use_distributed_optimizer=True, ddp_bucket_size=3000)
     engine = setup_engine(_tiny("bf16"), train, runtime.parallel)
-    handle = install(engine.model, engine.optimizer, LongActConfig(warmup_steps=1, keep_ratio=0.3))
+    handle = install(engine.model, engine.optimizer, LongActConfig(warmup_steps=warmup, keep_ratio=0.3))
     stepped = []
 
     def count(opt, args, kwargs):  # registered after LongAct's hook: sees what the step sees
@@ -220,26 +224,53 @@ def _run_counting(runtime, steps):
             frozen_total += int(frozen.sum())
             st = t.ref.torch_optimizer.state[t.ref.main_param]
             now = [t.ref.main_param.detach(), st["exp_avg"], st["exp_avg_sq"]]
+            if len(prev) == 1:  # no state before this step: frozen moments must be created zero
+                prev = prev + [torch.zeros_like(now[1]), torch.zeros_like(now[2])]
+                fresh = True
+            else:
+                fresh = False
             checks.append(dict(
                 frozen_same=all(torch.equal(a.view(-1)[frozen], b.view(-1)[frozen])
-                                for a, b in zip(prev, now)) if len(prev) == 3 else None,
-                moments_nonzero=bool(len(prev) == 3 and prev[1].view(-1)[frozen].any()),
+                                for a, b in zip(prev, now)),
+                moments_nonzero=bool(not fresh and prev[1].view(-1)[frozen].any()),
                 kept_moved=not torch.equal(prev[0].view(-1)[~frozen], now[0].view(-1)[~frozen])))
         out.append(dict(stepped=sum(stepped), total=total, frozen=frozen_total, checks=checks))
     return out
 
 
-def test_optimizer_steps_only_the_kept_rows():
+@pytest.mark.parametrize("min_run,warmup", [(None, 1), (64, 1), (64, 0)])
+def test_optimizer_steps_only_the_kept_rows(min_run, warmup):
     """The inner torch optimizer is handed the kept rows only (frozen rows cost no optimizer work),
     and frozen rows that carry non-zero moments from earlier steps keep main values and moments to
-    the bit while the mask changes every step; DP=2 with weights split mid-row."""
-    results = run_distributed(_run_counting, args=(3,), dp=2)
+    the bit while the mask changes every step; DP=2 with weights split mid-row. min_run=64 (one row
+    of the tiny model) steps every kept run in place; warmup=0 creates the Adam state under a mask."""
+    results = run_distributed(_run_counting, args=(3, min_run, warmup), dp=2)
     for per_step in results:
         first = per_step[0]
-        assert first["frozen"] == 0 and first["stepped"] == first["total"]  # warm-up: full update
-        for s in per_step[1:]:
+        if warmup:
+            assert first["frozen"] == 0 and first["stepped"] == first["total"]  # full update
+        for s in per_step[warmup:]:
             assert s["frozen"] > 0
             assert s["stepped"] == s["total"] - s["frozen"], s
             for c in s["checks"]:
                 assert c["frozen_same"] and c["kept_moved"], c
         assert any(c["moments_nonzero"] for s in per_step[1:] for c in s["checks"])
+
+
+@pytest.mark.parametrize("start,n,min_run", [(0, 40, 16), (3, 30, 16), (5, 2, 16), (13, 27, 8),
+                                             (0, 40, 10 ** 6)])
+def test_keep_plan_covers_exactly_the_kept_entries(start, n, min_run):
+    """Kept entries split into in-place runs (long runs of kept rows, kept partial edge rows) and
+    gathered rows; together they cover every kept element once and no frozen one (width 8, rows
+    0..4, rows 1 and 4 frozen: rows 2-3 form a run of 16 elements)."""
+    from megatron_longact.longact.optimizer import _KeepPlan
+
+    width, keep = 8, torch.tensor([True, False, True, True, False])
+    kept_elems = keep.repeat_interleave(width)[start:start + n]
+    plan = _KeepPlan(start, n, width, keep, torch.device("cpu"), min_run=min_run)
+    flat = torch.zeros(n)
+    for view in plan.views(flat):
+        view.add_(1.0)
+    compact = plan.gather(flat)
+    plan.scatter(flat, compact + 1.0)
+    assert torch.equal(flat, kept_elems.float())

@@ -86,11 +86,75 @@ class _FreezePlan(_RowPlan):
         super().__init__(start, n, width, ~keep_rows, device)
 
 
-class _KeepPlan(_RowPlan):
-    """The kept (updated) rows of a shard: what the inner optimizer steps under ``apply_to=update``."""
+# Runs of consecutive kept rows at least this many elements long are stepped in place (as views of
+# the main shard, its gradient and its moments) instead of being gathered: a copy of a long run
+# costs more than the optimizer's fixed per-tensor cost (about a dozen kernel launches, or one
+# multi-tensor chunk on GPU). V rows (always kept) and partial edge rows are such runs.
+MIN_IN_PLACE_RUN = 32768
 
-    def __init__(self, start: int, n: int, width: int, keep_rows: torch.Tensor, device):
-        super().__init__(start, n, width, keep_rows, device)
+
+class _KeepPlan:
+    """The kept (updated) entries of one shard-local main tensor, as the inner optimizer sees them.
+
+    Same index space as :class:`_RowPlan`. The kept entries split into contiguous element ranges
+    of the flat shard that are stepped in place (``runs``: long runs of kept whole rows, and kept
+    partial edge rows), and the remaining kept whole rows, gathered into one compact
+    [rows, width] tensor (``gather_idx``, row indices of the shard's whole-row region).
+    """
+
+    def __init__(self, start: int, n: int, width: int, keep_rows: torch.Tensor, device,
+                 min_run: int | None = None):
+        min_run = MIN_IN_PLACE_RUN if min_run is None else min_run
+        first_full = -(-start // width)
+        end = start + n
+        last_full = end // width
+        self.width = width
+        runs: list[tuple[int, int]] = []  # [a, b) element ranges of the flat shard
+        gather_rows: list[int] = []
+        if first_full <= last_full:
+            off = first_full * width - start
+            self.mid = (off, last_full - first_full)
+            if start < first_full * width and bool(keep_rows[first_full - 1]):
+                runs.append((0, off))
+            kept = keep_rows[first_full:last_full].tolist()
+            r = 0
+            while r < len(kept):
+                if not kept[r]:
+                    r += 1
+                    continue
+                e = r
+                while e < len(kept) and kept[e]:
+                    e += 1
+                if (e - r) * width >= min_run:
+                    runs.append((off + r * width, off + e * width))
+                else:
+                    gather_rows.extend(range(r, e))
+                r = e
+            if last_full * width < end and bool(keep_rows[last_full]):
+                runs.append((last_full * width - start, n))
+        else:  # the shard lies inside one row
+            self.mid = (0, 0)
+            if bool(keep_rows[start // width]):
+                runs.append((0, n))
+        self.runs = runs
+        self.gather_idx = torch.tensor(gather_rows, dtype=torch.long, device=device)
+
+    def _mid(self, flat: torch.Tensor) -> torch.Tensor:
+        off, rows = self.mid
+        return flat[off:off + rows * self.width].view(rows, self.width)
+
+    def gather(self, flat: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The gathered rows as a new [rows, width] tensor (or into ``out``)."""
+        if out is not None:
+            return torch.index_select(self._mid(flat), 0, self.gather_idx, out=out)
+        return self._mid(flat).index_select(0, self.gather_idx)
+
+    def scatter(self, flat: torch.Tensor, compact: torch.Tensor) -> None:
+        self._mid(flat).index_copy_(0, self.gather_idx, compact)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The in-place runs, as views of ``flat``."""
+        return [flat[a:b] for a, b in self.runs]
 
 
 class _Target:
@@ -134,6 +198,7 @@ class LongActHandle:
         # the param lists the pieces stand in for.
         self._swapped: list[tuple[_Target, list[torch.Tensor], bool]] = []
         self._saved_params: list[tuple[dict, list]] = []
+        self._buffers: dict[tuple, torch.Tensor] = {}  # compact copies, reused across steps
 
     # -- wiring ------------------------------------------------------------------------------
     def _find_targets(self, refs: list[MainParamRef]) -> list[_Target]:
@@ -235,8 +300,9 @@ class LongActHandle:
         return sums
 
     def _compact(self, torch_opt, args, kwargs) -> None:
-        """Before the torch optimizer steps: put compact copies of the kept rows of each target's
-        main shard (with their gradient and state) in its param list in place of the full shard.
+        """Before the torch optimizer steps: in each target's param list, replace its main shard
+        by the kept entries only: views of the long kept runs (stepped in place) and one compact
+        copy of the other kept rows, each with the matching gradient and state tensors.
 
         The optimizer then never reads or writes a frozen row: frozen main values and moments stay
         as they were because nothing touches them, and no work is spent on them. Elementwise
@@ -249,14 +315,27 @@ class LongActHandle:
             main = t.ref.main_param
             if t.plan is None or t.ref.torch_optimizer is not torch_opt or main.grad is None:
                 continue
+            plan = t.plan
             state = torch_opt.state.get(main, {})
-            pieces = t.plan.gather(main.data.view(-1))
-            grads = t.plan.gather(main.grad.view(-1))
             had_state = len(state) > 0
+
+            def parts(flat, slot):
+                # The compact copy goes into a buffer kept across steps: a fresh allocation of
+                # this size each step costs as much as the copy itself on CPU (on GPU the caching
+                # allocator would hold the same memory anyway).
+                key = (id(t), slot)
+                buf = self._buffers.get(key)
+                shape = (plan.gather_idx.numel(), plan.width)
+                if buf is None or tuple(buf.shape) != shape or buf.dtype != flat.dtype:
+                    buf = self._buffers[key] = torch.empty(shape, dtype=flat.dtype, device=flat.device)
+                return [plan.gather(flat, out=buf)] + plan.views(flat)
+
+            pieces = parts(main.data.view(-1), "param")
+            grads = parts(main.grad.view(-1), "grad")
             piece_states = [{} for _ in pieces]
             for k, v in state.items():
                 if torch.is_tensor(v) and v.shape == main.shape:  # exp_avg, exp_avg_sq, ...
-                    for ps_, part in zip(piece_states, t.plan.gather(v.view(-1))):
+                    for ps_, part in zip(piece_states, parts(v.view(-1), k)):
                         ps_[k] = part
                 else:  # the step counter and other per-tensor scalars: one copy per piece, since
                     # the optimizer increments them in place once per tensor it steps
@@ -280,24 +359,30 @@ class LongActHandle:
                 group["params"] = new
 
     def _expand(self, torch_opt, args, kwargs) -> None:
-        """After the torch optimizer step: scatter the compact pieces back into the full main
-        shards and their state (state is kept in the full layout between steps, so checkpoints,
-        megatron's main-to-model copy and the grad norm see ordinary tensors)."""
+        """After the torch optimizer step: scatter the compact copies back into the full main
+        shards and their state (the in-place runs are already there). State is kept in the full
+        layout between steps, so checkpoints, megatron's main-to-model copy and the grad norm see
+        ordinary tensors."""
         self._restore_param_lists()
         for t, pieces, had_state in self._swapped:
             if t.ref.torch_optimizer is not torch_opt:
                 continue
             main = t.ref.main_param
-            t.plan.scatter(main.data.view(-1), pieces)
+            t.plan.scatter(main.data.view(-1), pieces[0])
             piece_states = [torch_opt.state.pop(p, {}) for p in pieces]
             full = torch_opt.state[main]
             for k, v0 in piece_states[0].items():
                 if torch.is_tensor(v0) and v0.shape == pieces[0].shape:
-                    if not had_state or k not in full:
+                    created = not had_state or k not in full
+                    if created:
                         # State this very step created (the first step) starts from zero for
                         # frozen entries, as if the step never touched them.
                         full[k] = torch.zeros_like(main)
-                    t.plan.scatter(full[k].view(-1), [ps_[k] for ps_ in piece_states])
+                    flat = full[k].view(-1)
+                    t.plan.scatter(flat, v0)
+                    if created:  # the runs' new state lives in tensors of their own
+                        for view, ps_ in zip(t.plan.views(flat), piece_states[1:]):
+                            view.copy_(ps_[k])
                 else:
                     full[k] = v0
             for p in pieces:

@@ -34,6 +34,8 @@ setup(
         # package named apex is unrelated): build it from source or use an NVIDIA PyTorch container.
         "gpu": ["transformer-engine[pytorch]>=1.13"],
         "hf": ["transformers>=4.51", "safetensors>=0.4"],
+        # benchmarks/vs_trl.py only: TRL's GRPOTrainer as the reference; never needed by the package.
+        "bench": ["trl>=1.16", "transformers>=4.51", "safetensors>=0.4"],
     },
     entry_points={
         "console_scripts": [

@@ -13,7 +13,12 @@ setup(
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_longact", "megatron_longact.*"]),
+    # The example configs (configs/ at the top of the source tree) ship inside the wheel as the
+    # package megatron_longact.configs, so `longact-train --config demo_cpu` works from any folder.
+    packages=find_packages(include=["megatron_longact", "megatron_longact.*"])
+    + ["megatron_longact.configs", "megatron_longact.configs.model"],
+    package_dir={"megatron_longact.configs": "configs"},
+    package_data={"megatron_longact.configs": ["*.yaml"], "megatron_longact.configs.model": ["*.yaml"]},
     install_requires=[
         # Tested on 0.16.1; the internals we touch are checked by megatron_longact.compat.
         "megatron-core>=0.16,<0.17",

@@ -122,12 +122,17 @@ def from_dict(cls, data: dict, path: str = ""):
         raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    data = apply_aliases(cls, data, path)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{path}." if path else ""
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], list(fields) + list(_aliases(cls)), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ConfigError(
-            f"unknown config key {where}{unknown[0]}; known keys{' of ' + path if path else ''}: "
-            f"{sorted(fields)}"
+            f"unknown config key {where}{unknown[0]}{hint} (known keys{' of ' + path if path else ''}: "
+            f"{sorted(fields)})"
         )
     kwargs = {}
     for name, value in data.items():
@@ -136,6 +141,30 @@ def from_dict(cls, data: dict, path: str = ""):
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
         raise ConfigError(f"{path or cls.__name__}: {exc}") from None
+
+
+def _aliases(cls) -> dict:
+    return dict(getattr(cls, "ALIASES", None) or {})
+
+
+def apply_aliases(cls, data: dict, path: str = "") -> dict:
+    """Rename the alias keys a dataclass declares (``ALIASES = {"other_name": "our_name"}``, e.g.
+    the names verl or TRL users type) to their canonical field, so the saved config records one
+    name. Giving both an alias and its field, with different values, is an error."""
+    aliases = _aliases(cls)
+    if not aliases or not any(k in aliases for k in data):
+        return data
+    out = dict(data)
+    where = f"{path}." if path else ""
+    for alias, canonical in aliases.items():
+        if alias not in out:
+            continue
+        value = out.pop(alias)
+        if canonical in out and out[canonical] != value:
+            raise ConfigError(f"{where}{alias} is another name for {where}{canonical}; both were given "
+                              f"({value!r} and {out[canonical]!r}): keep one")
+        out[canonical] = value
+    return out
 
 
 def to_dict(obj) -> dict:
@@ -183,8 +212,23 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; ``include: other.yaml`` (relative to the file) is merged underneath."""
+def _resolve_relative(data: dict, dotted: str, base: Path) -> None:
+    """Make the string at ``dotted`` in ``data`` absolute against ``base`` when it is relative."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf]:
+        value = Path(node[leaf]).expanduser()
+        if not value.is_absolute():
+            node[leaf] = str((base / value).resolve())
+
+
+def load_yaml(path: str | Path, path_fields: tuple[str, ...] = ()) -> dict:
+    """Read a YAML mapping; ``include: other.yaml`` (relative to the file) is merged underneath.
+
+    ``path_fields``: dotted keys holding input paths; a relative one is resolved against the
+    folder of the file that sets it (so a config works from any working directory)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -194,11 +238,13 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    for dotted in path_fields:
+        _resolve_relative(data, dotted, path.parent)
     include = data.pop("include", None)
     if include is not None:
         includes = [include] if isinstance(include, str) else include
         base: dict = {}
         for inc in includes:
-            base = deep_merge(base, load_yaml(path.parent / inc))
+            base = deep_merge(base, load_yaml(path.parent / inc, path_fields))
         data = deep_merge(base, data)
     return data

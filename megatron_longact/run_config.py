@@ -70,10 +70,20 @@ class RunConfig:
         return parallel
 
 
+def read_run_yaml(path: str | Path) -> dict:
+    """The merged YAML mapping of the run config ``path`` names (before validation)."""
+    from megatron_longact.config_files import PATH_FIELDS, resolve_config
+
+    return load_yaml(resolve_config(path), PATH_FIELDS)
+
+
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None,
                     data: dict | None = None) -> RunConfig:
-    """Read a run config from YAML (or a dict), apply ``key=value`` overrides, validate."""
-    raw = load_yaml(path) if path is not None else {}
+    """Read a run config from YAML (or a dict), apply ``key=value`` overrides, validate.
+
+    ``path`` is a file or the name of a bundled example (:mod:`megatron_longact.config_files`);
+    relative input paths in the files resolve against the file that sets them."""
+    raw = read_run_yaml(path) if path is not None else {}
     if data:
         raw = deep_merge(raw, data)
     if overrides:

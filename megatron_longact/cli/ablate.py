@@ -28,7 +28,8 @@ from megatron_longact.run_config import load_run_config
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="longact-ablate", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True,
+                   help="run config: a YAML path or a bundled example name such as demo_cpu")
     p.add_argument("--strategies", default="none,topk,random,bottomk")
     p.add_argument("--seeds", default="1,2")
     p.add_argument("--out", default="runs/ablation")

@@ -20,7 +20,8 @@ from megatron_longact.run_config import load_run_config
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="longact-plan", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    p.add_argument("--config", required=True,
+                   help="run config: a YAML path or a bundled example name such as demo_cpu")
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-memory-gib", type=float, default=PlanOptions.gpu_memory_gib,

@@ -21,7 +21,8 @@ from megatron_longact.runtime import initialize, read_dist_env
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="longact-train", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    p.add_argument("--config", required=True,
+                   help="run config: a YAML path or a bundled example name such as demo_cpu")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=5 train.lr=1e-4")
     return p.parse_args(argv)
 

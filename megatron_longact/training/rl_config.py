@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from megatron_longact.config import ConfigError, check_choice, check_positive, check_range
 from megatron_longact.data.tokenizer import PromptConfig, TokenizerConfig
@@ -29,16 +29,37 @@ class DataConfig:
     shuffle_seed: int = 0
     """Seed of the record order; the order is a function of (seed, epoch), so a resumed run sees
     the same prompts in the same steps."""
+    max_prompt_length: int | None = None
+    """Longest prompt in tokens (after the template); None: no limit. Records over it are handled
+    by ``prompt_overflow``; the number is reported at start-up and logged as data/*."""
+    prompt_overflow: Literal["filter", "truncate", "error"] = "filter"
+    """``filter``: drop records whose prompt is too long; ``truncate``: keep the last
+    ``max_prompt_length`` prompt tokens (the question and the answer cue sit at the end of the
+    task prompts); ``error``: refuse to start, naming the first record over the limit."""
 
     def __post_init__(self):
         check_choice("data.source", self.source, ("ruler", "jsonl", "parquet"))
+        check_positive("data.max_prompt_length", self.max_prompt_length)
+        check_choice("data.prompt_overflow", self.prompt_overflow, ("filter", "truncate", "error"))
         if self.source != "ruler" and not self.path:
             raise ConfigError(f"data.path: required for data.source={self.source!r}")
 
 
 @dataclass
 class RLConfig:
-    """Rollouts, rewards and the policy loss."""
+    """Rollouts, rewards and the policy loss.
+
+    The names verl and TRL users type are accepted where the concept is the same and saved under
+    ours (``ALIASES``): verl ``clip_ratio_low``/``clip_ratio_high``, ``kl_loss_coef``, ``n``
+    (``rollout.n``), ``max_response_length``; TRL ``epsilon``/``epsilon_high``, ``beta``,
+    ``num_generations``, ``max_completion_length``, ``num_iterations``."""
+
+    ALIASES: ClassVar[dict[str, str]] = {
+        "clip_ratio_low": "clip_low", "clip_ratio_high": "clip_high", "epsilon": "clip_ratio",
+        "epsilon_high": "clip_high", "kl_loss_coef": "kl_coef", "beta": "kl_coef", "n": "group_size",
+        "num_generations": "group_size", "max_response_length": "max_new_tokens",
+        "max_completion_length": "max_new_tokens", "num_iterations": "ppo_epochs",
+    }
 
     algorithm: Literal["grpo", "dapo", "dr_grpo", "gspo", "ppo"] = "grpo"
     """Policy loss by name (megatron_longact.rl.losses), with that algorithm's defaults."""

@@ -1,0 +1,1 @@
+"""Model configs, the GPTModel builder and TP sharding helpers."""

@@ -1,0 +1,1 @@
+"""The SFT/RL trainer, its engine and the LM loop behind longact-train."""

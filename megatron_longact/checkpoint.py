@@ -34,6 +34,11 @@ from megatron_longact.models.builder import unwrap
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+# Key of the global objects (scheduler, step, LongAct state, ...). Megatron stores a sharded
+# object as "<key>/shard_<offset>_<shape>" and splits that on "/", so the key must not hold one.
+# Checkpoints written before carry "longact_objects/<name>" (LEGACY_OBJECT_PREFIX); they still load.
+OBJECT_PREFIX = "longact_objects."
+LEGACY_OBJECT_PREFIX = "longact_objects/"
 
 
 class CheckpointError(RuntimeError):
@@ -121,8 +126,20 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def has_legacy_object_keys(folder: str | Path) -> bool:
+    """True when the torch_dist checkpoint at ``folder`` stores its objects under the old
+    "longact_objects/<name>" keys (which megatron's metadata reader cannot parse)."""
+    if not (Path(folder) / ".metadata").is_file():
+        return False
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return any(k.startswith(LEGACY_OBJECT_PREFIX) for k in keys)
+
+
 def _sharded_state_dict(model_chunks, optimizer, objects: dict, *, is_loading: bool,
-                        with_rng: bool = True, extra_models: dict | None = None) -> dict:
+                        with_rng: bool = True, extra_models: dict | None = None,
+                        object_prefix: str = OBJECT_PREFIX) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -138,7 +155,7 @@ def _sharded_state_dict(model_chunks, optimizer, objects: dict, *, is_loading: b
     rank = _rank()
     for key, obj in objects.items():
         # Global objects (identical on every rank): saved once, by global rank 0.
-        sd[key] = ShardedObject(f"longact_objects/{key}", obj, (1,), (0,), replica_id=rank)
+        sd[key] = ShardedObject(f"{object_prefix}{key}", obj, (1,), (0,), replica_id=rank)
     if not with_rng:
         return sd
     # RNG state differs per model-parallel rank; DP replicas hold the same one.
@@ -180,7 +197,7 @@ def save(root: str | Path, step: int, model_chunks, optimizer, objects: dict, *,
         tmp.mkdir()
     _barrier()
     sd = _sharded_state_dict(model_chunks, optimizer, objects, is_loading=False,
-                             extra_models=extra_models)
+                             extra_models=extra_models, object_prefix=OBJECT_PREFIX)
     dist_checkpointing.save(sd, str(tmp))
     _barrier()
     if _rank() == 0:
@@ -213,8 +230,9 @@ def load(folder: str | Path, model_chunks, optimizer, object_keys: list[str], *,
     verify(folder)
     if optimizer is not None:
         prepare_optimizer_for_load(optimizer)
+    prefix = LEGACY_OBJECT_PREFIX if has_legacy_object_keys(folder) else OBJECT_PREFIX
     sd = _sharded_state_dict(model_chunks, optimizer, {k: None for k in object_keys}, is_loading=True,
-                             with_rng=load_rng, extra_models=extra_models)
+                             with_rng=load_rng, extra_models=extra_models, object_prefix=prefix)
     try:
         loaded = dist_checkpointing.load(sd, str(folder))
     except Exception as exc:  # noqa: BLE001 - re-raised with the checkpoint named

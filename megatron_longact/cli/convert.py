@@ -2,13 +2,13 @@
 
     longact-convert hf-to-mcore HF_DIR OUT_DIR [--family qwen3|qwen2|llama3] [model.key=value ...]
     longact-convert mcore-to-hf CKPT_DIR OUT_DIR [--max-shard-size 5GB]
-    longact-convert mcore-to-hf RUN_DIR/checkpoints/step_N OUT_DIR --config RUN.yaml --hf-source HF_DIR
+    longact-convert mcore-to-hf TRAINER_CKPT OUT_DIR [--config RUN.yaml] [--hf-source HF_DIR]
 
 hf-to-mcore runs in one process (TP=PP=1) and the checkpoint loads under any TP/PP; under
 torchrun with ``--tp``/``--pp`` each rank converts only its stage and shard, which splits the
 host memory a 70B conversion needs. mcore-to-hf runs in one process; it reads a checkpoint written
 by hf-to-mcore, or the model weights of a training checkpoint (with the run config that says which
-model it holds and, optionally, the Hugging Face folder the run started from for config.json and
+model it holds (by default the one the trainer saved beside its checkpoints) and, optionally, the Hugging Face folder the run started from for config.json and
 the tokenizer). Supported: Qwen3 (dense), Qwen2/Qwen2.5 and Llama 3 safetensors checkpoints.
 """
 
@@ -47,9 +47,10 @@ def parse_args(argv=None):
                    help="ModelConfig fields HF does not describe, "
                         "e.g. model.make_vocab_size_divisible_by=256")
     b = sub.add_parser("mcore-to-hf", help="megatron distributed checkpoint -> Hugging Face folder")
-    b.add_argument("src", help="checkpoint folder written by hf-to-mcore, or a training checkpoint")
+    b.add_argument("src", help="checkpoint folder written by hf-to-mcore, or a training checkpoint "
+                               "(folder or checkpoint root: its newest valid checkpoint)")
     b.add_argument("--config", default=None,
-                   help="run (or model) config YAML; needed for a training checkpoint")
+                   help="run (or model) config; default for a training checkpoint: its saved run config")
     b.add_argument("--hf-source", default=None,
                    help="Hugging Face folder whose config.json and tokenizer files to reuse")
     b.add_argument("dst", help="output Hugging Face folder")
@@ -71,6 +72,8 @@ def main(argv=None) -> int:
 
     from megatron_longact.runtime import ParallelConfig, destroy, initialize, read_dist_env
 
+    from megatron_longact.checkpoint import CheckpointError
+
     args = parse_args(argv)
     try:
         if args.command == "hf-to-mcore":
@@ -87,8 +90,13 @@ def main(argv=None) -> int:
         else:
             from megatron_longact.convert.checkpoint import META_FILE, read_meta
             from megatron_longact.run_config import load_run_config
+            from megatron_longact.trained import find_trainer_checkpoint, run_config_for
 
             max_shard = parse_size(args.max_shard_size)
+            trained = find_trainer_checkpoint(args.src)
+            if trained is not None:
+                args.src = str(trained)
+                args.config = run_config_for(trained, args.config, "longact-convert")
             model_cfg = load_run_config(args.config).model if args.config else None
             if (Path(args.src) / META_FILE).is_file():
                 read_meta(args.src)
@@ -104,7 +112,7 @@ def main(argv=None) -> int:
         if Path(args.dst).exists() and not args.overwrite:
             raise ConfigError(f"{args.dst} exists; pass --overwrite to replace it")
         parallel = parallel.resolve(read_dist_env().world_size)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, CheckpointError) as exc:
         print(f"longact-convert: {exc}", file=sys.stderr)
         return 2
 

@@ -1,10 +1,14 @@
-"""``longact-eval --config <run.yaml> (--checkpoint DIR | --init random) [options] [key=value ...]``:
+"""``longact-eval [--config <run.yaml>] (--checkpoint DIR | --init random) [options] [key=value ...]``:
 evaluate a model on RULER or LongBench v2 with greedy batched generation.
 
-The run config gives the model and the parallel layout (as for ``longact-train``); the evaluation
-settings form :class:`EvalConfig`. They are filled, in increasing precedence, from an optional
-``eval:`` section of the YAML, the command-line flags, and dotted overrides starting with ``eval.``
-(e.g. ``eval.prompt.chat=none``); every other override goes to the run config. Data-parallel ranks
+The run config gives the model and the parallel layout (as for ``longact-train``); with a trainer
+checkpoint (a checkpoint folder or a checkpoint root, whose newest valid checkpoint is taken)
+``--config`` may be left out: the run config saved beside the checkpoints is used. The evaluation
+settings form :class:`EvalConfig`. They are filled, in increasing precedence, from the run config's
+data settings (tokenizer, prompt template, RULER template and needle digits: the model is evaluated
+the way it was trained), an optional ``eval:`` section of the YAML, the command-line flags, and
+dotted overrides starting with ``eval.`` (e.g. ``eval.prompt.chat=none``); every other override
+goes to the run config. Data-parallel ranks
 split the records; tensor- and pipeline-parallel ranks generate together (``generation.generate``).
 Rank 0 writes ``results.md`` and ``results.json`` (``tasks.suite.write_report``) and, with
 ``--tb-dir``, TensorBoard scalars.
@@ -23,9 +27,9 @@ from pathlib import Path
 from typing import Literal
 
 from megatron_longact.config import ConfigError, check_choice, check_positive, deep_merge, from_dict, \
-    load_yaml, parse_overrides, to_dict
+    parse_overrides, to_dict
 from megatron_longact.data.tokenizer import PromptConfig, TokenizerConfig
-from megatron_longact.run_config import RunConfig, load_run_config
+from megatron_longact.run_config import RunConfig, load_run_config, read_run_yaml
 from megatron_longact.runtime import initialize, read_dist_env
 from megatron_longact.tasks.suite import SuiteConfig
 
@@ -43,8 +47,8 @@ class EvalConfig:
     """Weights: ``checkpoint`` loads ``checkpoint``; ``random`` uses the layout-independent reference
     initialization (smoke tests of the pipeline, scores are meaningless)."""
     checkpoint: str | None = None
-    """Weights checkpoint folder (megatron distributed format, see ``convert.checkpoint``); its
-    stored model shape must match the run config's model."""
+    """Weights: a ``longact-convert hf-to-mcore`` folder (its stored model shape must match the run
+    config's model) or a trainer checkpoint (folder or checkpoint root)."""
     seed: int | None = None
     """Seed of the random initialization; None uses train.seed."""
     batch_size: int = 8
@@ -71,8 +75,10 @@ class EvalConfig:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="longact-eval", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="run config YAML (model and parallel layout)")
-    p.add_argument("--checkpoint", help="weights checkpoint folder (longact-convert hf-to-mcore output)")
+    p.add_argument("--config", help="run config (YAML path or bundled name); optional with a trainer "
+                                     "checkpoint, whose saved run config is used")
+    p.add_argument("--checkpoint", help="trainer checkpoint (folder or checkpoint root) or a "
+                                        "longact-convert hf-to-mcore folder")
     p.add_argument("--init", choices=("checkpoint", "random"),
                    help="'random': reference-initialized weights instead of a checkpoint")
     p.add_argument("--suite", choices=("ruler", "longbench-v2"), help="benchmark (default ruler)")
@@ -131,6 +137,13 @@ def _flags_to_eval_dict(args) -> dict:
     return out
 
 
+def _defaults_from_run(cfg: RunConfig) -> dict:
+    """Evaluation settings the run trained with: tokenizer, prompt rendering, RULER wording."""
+    ruler = cfg.data.ruler
+    return {"tokenizer": to_dict(cfg.data.tokenizer), "prompt": to_dict(cfg.data.prompt),
+            "suite": {"ruler": {"template": ruler.template, "number_digits": ruler.number_digits}}}
+
+
 @dataclass
 class Plan:
     """Everything checked before start-up."""
@@ -144,14 +157,18 @@ class Plan:
     load_checkpoint: object | None
 
 
-def _checkpoint_loader(path: str, model_cfg):
-    """Check that ``path`` is a weights checkpoint (``convert.checkpoint``) for this model's shape
-    and return the function that loads it into a built GPTModel (any layout)."""
-    from megatron_longact.convert.checkpoint import check_compatible, load_model_weights, read_meta
+def _checkpoint_loader(path: str, model_cfg, trained: Path | None = None):
+    """Check that ``path`` is a weights checkpoint (``convert.checkpoint``) for this model's shape,
+    or take the trainer checkpoint ``trained``, and return the function that loads it into a
+    built GPTModel (any layout)."""
+    from megatron_longact.convert.checkpoint import check_compatible, load_dist_weights, \
+        load_model_weights, read_meta
 
+    if trained is not None:
+        return lambda gpt_model: load_dist_weights(gpt_model, trained)
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"--checkpoint {path}: not a directory; expected a weights checkpoint "
-                                "folder written by longact-convert hf-to-mcore")
+        raise FileNotFoundError(f"--checkpoint {path}: not a directory; expected a trainer checkpoint "
+                                "or a folder written by longact-convert hf-to-mcore")
     stored, _ = read_meta(path)
     check_compatible(stored, model_cfg, path)
     return lambda gpt_model: load_model_weights(gpt_model, path, model_cfg)
@@ -163,15 +180,25 @@ def prepare(argv=None) -> Plan:
     from megatron_longact.data.tokenizer import encode_prompt_text, load_tokenizer, render_prompt
     from megatron_longact.tasks.suite import build_suite
 
+    from megatron_longact.trained import find_trainer_checkpoint, run_config_for
+
     args = parse_args(argv)
     run_overrides = [o for o in args.overrides if not o.startswith("eval.")]
     eval_overrides = [o[len("eval."):] for o in args.overrides if o.startswith("eval.")]
-    raw = load_yaml(args.config)
+    trained = find_trainer_checkpoint(args.checkpoint) if args.checkpoint else None
+    if trained is not None:
+        args.config = run_config_for(trained, args.config, "longact-eval")
+        args.checkpoint = str(trained)
+    elif not args.config:
+        raise ConfigError("--config: required (the run config naming the model), unless --checkpoint "
+                          "is a trainer checkpoint with its saved run config")
+    raw = read_run_yaml(args.config)
     eval_raw = raw.pop("eval", None) or {}
     if not isinstance(eval_raw, dict):
         raise ConfigError(f"eval: expected a mapping in {args.config}")
     cfg = load_run_config(None, run_overrides, data=raw)
-    eval_raw = deep_merge(deep_merge(eval_raw, _flags_to_eval_dict(args)), parse_overrides(eval_overrides))
+    eval_raw = deep_merge(deep_merge(deep_merge(_defaults_from_run(cfg), eval_raw), _flags_to_eval_dict(args)),
+                          parse_overrides(eval_overrides))
     ecfg = from_dict(EvalConfig, eval_raw, "eval")
 
     env = read_dist_env()
@@ -180,12 +207,16 @@ def prepare(argv=None) -> Plan:
                            parallel.context_parallel_size)
     if parallel.context_parallel_size > 1:
         raise ConfigError("parallel.context_parallel_size: generation supports 1 only")
-    load = _checkpoint_loader(ecfg.checkpoint, cfg.model) if ecfg.init == "checkpoint" else None
+    load = _checkpoint_loader(ecfg.checkpoint, cfg.model, trained) if ecfg.init == "checkpoint" else None
 
     tokenizer = load_tokenizer(ecfg.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"eval.tokenizer: vocabulary of {tokenizer.vocab_size} tokens is larger than "
                           f"model.vocab_size={cfg.model.vocab_size}")
+    if ecfg.tokenizer.kind == "byte" and cfg.model.vocab_size > 4 * tokenizer.vocab_size:
+        print(f"longact-eval: warning: the byte tokenizer ({tokenizer.vocab_size} tokens) with a model "
+              f"of vocab_size {cfg.model.vocab_size}; set data.tokenizer in the run config (or "
+              "eval.tokenizer) to the model's own tokenizer", file=sys.stderr)
     records = build_suite(ecfg.suite, tokenizer, ecfg.prompt)
     if not records:
         raise ConfigError(f"eval.suite: {ecfg.suite.name} produced no records")
@@ -273,9 +304,11 @@ def run(plan: Plan, runtime) -> dict | None:
 
 
 def main(argv=None) -> int:
+    from megatron_longact.checkpoint import CheckpointError
+
     try:
         plan = prepare(argv)
-    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError, CheckpointError) as exc:
         # ConfigError, RecordError and TargetTooSmall are ValueErrors with a message naming the input.
         print(f"longact-eval: {exc}", file=sys.stderr)
         return 2

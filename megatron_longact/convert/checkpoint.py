@@ -147,9 +147,16 @@ def load_dist_weights(gpt_model, weights_dir: str | Path) -> None:
 
     if not (Path(weights_dir) / "metadata.json").is_file():
         raise ConfigError(f"{weights_dir}: no metadata.json; expected a megatron distributed checkpoint")
+    from megatron_longact.checkpoint import has_legacy_object_keys
+
+    # Training checkpoints written before the object keys lost their "/" cannot go through
+    # megatron's unexpected-key check (it parses every stored key); the strict load_state_dict
+    # below still catches a missing model tensor.
+    strict = (StrictHandling.ASSUME_OK_UNEXPECTED if has_legacy_object_keys(weights_dir)
+              else StrictHandling.RAISE_UNEXPECTED)
     # A fresh sharded state dict: save() rewrites the one it is given in place.
     loaded = dist_checkpointing.load({"model": gpt_model.sharded_state_dict()}, str(weights_dir),
-                                     strict=StrictHandling.RAISE_UNEXPECTED)
+                                     strict=strict)
     gpt_model.load_state_dict(loaded["model"], strict=True)
 
 

@@ -181,6 +181,10 @@ class Trainer:
                                  self._objects(), keep=self.cfg.checkpoint.keep,
                                  checksum=self.cfg.checkpoint.checksum, extra_models=self._extra_models())
         if self.rank0:
+            from megatron_longact.trained import write_run_config
+
+            # Beside the checkpoints, so that eval and export need nothing but the checkpoint.
+            write_run_config(self.ckpt_dir, self.cfg)
             print(f"checkpoint: saved step {self.step} to {folder}", flush=True)
         return folder
 

@@ -243,7 +243,10 @@ def load(folder: str | Path, model_chunks, optimizer, object_keys: list[str], *,
         unwrap(module).load_state_dict({k[len(prefix):] if k.startswith(prefix) else k: v
                                       for k, v in loaded[f"model_{name}"].items()})
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # no_grad: with fp32 parameters the DistributedOptimizer's main params are views of the
+        # model's leaf parameters, and copying into them under autograd is an error.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
         restore_torch_adam_step(optimizer, loaded["optimizer"])
     if load_rng and loaded.get("rng"):
         import random

@@ -14,7 +14,7 @@ leaves the previous checkpoint and ``latest`` intact. Loading checks the manifes
 with a message naming the checkpoint and the bad file before any tensor is read.
 
 The optimizer uses megatron's ``dp_reshardable`` format (resumable under another data-parallel
-size; see MEGATRON_NOTES.md for why not the default format).
+size; see docs/megatron_internals.md for why not the default format).
 """
 
 from __future__ import annotations

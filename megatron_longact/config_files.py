@@ -24,18 +24,13 @@ PATH_FIELDS = ("data.path", "data.tokenizer.path", "checkpoint.load_weights")
 
 
 def bundled_dir() -> Path | None:
-    """Folder of the shipped example configs (inside the installed package, or the source
-    tree's ``configs/`` for an editable install), or None."""
-    try:
-        from importlib.resources import files
-
-        root = Path(str(files("megatron_longact.configs")))
-        if root.is_dir():
-            return root
-    except (ModuleNotFoundError, TypeError):
-        pass
-    source = Path(__file__).resolve().parent.parent / "configs"
-    return source if source.is_dir() else None
+    """Folder of the shipped example configs: ``configs/`` inside the installed package (a wheel
+    install), else the source tree's ``configs/`` (an editable install maps the package there)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if candidate.is_dir():
+            return candidate
+    return None
 
 
 def bundled_names() -> list[str]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from megatron_longact.config import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides
+from megatron_longact.config import ConfigError, check_choice, deep_merge, from_dict, load_yaml, \
+    parse_overrides
 from megatron_longact.longact.config import LongActConfig
 from megatron_longact.models.config import ModelConfig
 from megatron_longact.runtime.distributed import ParallelConfig
@@ -24,7 +26,18 @@ class OutputConfig:
     """Where a run writes."""
 
     dir: str = "runs/default"
-    """Run folder: the resolved config, TensorBoard logs and checkpoints go under it."""
+    """Run folder: the resolved config, TensorBoard logs, figures and checkpoints go under it."""
+    log_all_ranks: bool = False
+    """Log lines from every rank (prefixed ``[rank N]``) instead of rank 0 only."""
+    wandb: bool = False
+    """Also log to Weights & Biases (rank 0; needs the ``wandb`` extra)."""
+    wandb_project: str = "megatron-longact"
+    wandb_name: str | None = None
+    """Run name in W&B; None lets W&B choose."""
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+
+    def __post_init__(self):
+        check_choice("output.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
 
 
 @dataclass

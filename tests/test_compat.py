@@ -45,7 +45,7 @@ def test_layer_is_undone(cpu_layer):
 
 
 def test_megatron_call_sites_run(cpu_layer):
-    """The call sites MEGATRON_NOTES.md lists as failing on CPU, exercised directly."""
+    """The megatron call sites that fail on CPU without the runtime layer (docs/megatron_internals.md), exercised directly."""
     from megatron.core.transformer.utils import get_default_causal_mask
 
     mask = get_default_causal_mask(4)

@@ -27,7 +27,8 @@ JOB_ID = 4242
 FAKES = {
     "scontrol": """#!/usr/bin/env bash
 if [[ $1 == show && $2 == hostnames ]]; then printf 'gpu-a017\\ngpu-a018\\n'; exit 0; fi
-echo "$*" >> "$FAKE_LOG/scontrol.txt"
+saved=no; if [[ -f $FAKE_LOG/trainer.txt ]]; then saved=yes; fi
+echo "$* trainer_saved=$saved" >> "$FAKE_LOG/scontrol.txt"
 """,
     "srun": """#!/usr/bin/env bash
 printf '%s\\n' "$@" > "$FAKE_LOG/srun.args"
@@ -42,6 +43,16 @@ exec "$@"
     "torchrun": """#!/usr/bin/env bash
 printf '%s\\n' "$@" > "$FAKE_LOG/torchrun.args"
 env > "$FAKE_LOG/torchrun.env"
+# FAKE_TRAINER: behave like the trainer asked to stop: wait for the stop file, "save", exit 0.
+if [[ -n ${FAKE_TRAINER:-} ]]; then
+    for _ in $(seq 600); do
+        if [[ -e ${LONGACT_STOP_FILE:-/nonexistent} ]]; then
+            echo "saved on $LONGACT_STOP_FILE" > "$FAKE_LOG/trainer.txt"; exit 0
+        fi
+        sleep 0.1
+    done
+    exit 1
+fi
 """,
 }
 
@@ -160,25 +171,48 @@ def test_layout_that_does_not_match_the_allocation_stops_before_srun(fake_env):
     assert not (log / "srun.args").exists()
 
 
-def test_usr1_requeues_and_term_stops_the_step(fake_env):
-    env, log, tmp = fake_env
-    env.update(SLURM_NNODES="1", FAKE_SRUN_SLEEP="60")
+def _start_job(env, tmp, log, marker="torchrun.args"):
     proc = subprocess.Popen(["bash", str(SLURM / "qwen3_8b_grpo_1node.sbatch")], env=env, cwd=tmp,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (log / marker).exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{marker} was not written"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    return proc
+
+
+def test_usr1_asks_the_trainer_to_save_then_requeues(fake_env):
+    """USR1 reaches the trainer (through the stop file; torchrun does not forward USR1), the
+    trainer saves and exits, and only then is the job requeued."""
+    env, log, tmp = fake_env
+    env.update(SLURM_NNODES="1", FAKE_TRAINER="1")
+    stop_file = tmp / "run" / f".stop-{JOB_ID}"
+    stop_file.parent.mkdir(parents=True)
+    stop_file.write_text("left by the previous job\n")  # must not stop the new one at once
+    proc = _start_job(env, tmp, log)
     try:
-        deadline = time.monotonic() + 60
-        while not (log / "srun.args").exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "srun was not reached"
-            time.sleep(0.2)
-        time.sleep(0.5)
+        assert proc.poll() is None and not (log / "trainer.txt").exists()
+        assert _env(log / "torchrun.env")["LONGACT_STOP_FILE"] == str(stop_file)
         proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + 10
-        while not (log / "scontrol.txt").exists():
-            assert time.monotonic() < deadline, "SIGUSR1 did not requeue"
-            time.sleep(0.1)
-        assert _lines(log / "scontrol.txt") == [f"requeue {JOB_ID}"]
-        assert proc.poll() is None  # still waiting for the job step
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out + err
+    assert (log / "trainer.txt").read_text().strip() == f"saved on {stop_file}"
+    assert _lines(log / "scontrol.txt") == [f"requeue {JOB_ID} trainer_saved=yes"]
+    assert "SIGUSR1: time limit near; asking the trainer to save" in out
+    assert not stop_file.exists()  # a requeued job starts clean
+
+
+def test_term_stops_the_step(fake_env):
+    env, log, tmp = fake_env
+    env.update(SLURM_NNODES="1", FAKE_SRUN_SLEEP="60")
+    proc = _start_job(env, tmp, log, "srun.args")
+    try:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
     finally:
@@ -186,8 +220,8 @@ def test_usr1_requeues_and_term_stops_the_step(fake_env):
             proc.kill()
             proc.communicate()
     assert proc.returncode == 143, out + err
-    assert "SIGUSR1: time limit near; requeueing job 4242" in out
     assert "SIGTERM: stopping the job step" in out
+    assert not (log / "scontrol.txt").exists()
 
 
 def test_local_launcher_uses_torchrun_standalone(fake_env):

@@ -1,4 +1,4 @@
-"""LongAct inside megatron-core's optimizers (LONGACT_SPEC.md sections 3 and 4).
+"""LongAct inside megatron-core's optimizers (docs/method.md).
 
 (a) freeze exactness for DistributedOptimizer, Float16OptimizerWithFloat16Params and FP32Optimizer
     at TP=2, DP=2 (a linear_qkv weight split across DP ranks) and PP=2, with a large learning rate

@@ -211,7 +211,7 @@ def test_tokens_knob_selects_prompt_or_response():
 
 
 def test_row_mapping_matches_the_fused_qkv_layout():
-    """q head h dim d -> (h//G)*R + (h%G)*D + d; k of group g -> g*R + G*D + d (MEGATRON_NOTES)."""
+    """q head h dim d -> (h//G)*R + (h%G)*D + d; k of group g -> g*R + G*D + d (docs/megatron_internals.md)."""
     geo = QKGeometry(num_layers=1, num_heads=4, num_groups=2, head_dim=3)  # G = 2, R = 12
     assert geo.q_rows().tolist() == [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16, 17]
     assert geo.k_rows().tolist() == [6, 7, 8, 18, 19, 20]

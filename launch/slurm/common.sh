@@ -11,8 +11,9 @@
 #   4. preflight: longact-plan checks the layout against this allocation and the memory estimate
 #      against the GPUs, and stops the job before any GPU work if either fails;
 #   5. srun starts one torchrun per node, which starts one trainer process per GPU;
-#   6. preemption: SIGUSR1 (sent --signal=B:USR1@<s> seconds before the time limit) requeues the
-#      job with scontrol; SIGTERM (preemption, scancel) is passed on to srun. A requeued job keeps
+#   6. preemption: SIGUSR1 (sent --signal=B:USR1@<s> seconds before the time limit) creates the
+#      stop file $LONGACT_STOP_FILE; the trainer saves a checkpoint and exits, then the job is
+#      requeued with scontrol; SIGTERM (preemption, scancel) is passed on to srun. A requeued job keeps
 #      its id and name, so it comes back to the same run folder, and the trainer resumes from the
 #      latest complete checkpoint in output.dir (checkpoints are published by an atomic rename, so
 #      a kill during a save leaves the previous one intact).
@@ -74,12 +75,19 @@ echo "$(date -Is) job $SLURM_JOB_ID (restart $RESTART): $NNODES nodes x $GPUS_PE
 read -r -a SRUN_EXTRA <<< "${SRUN_EXTRA_ARGS:-}"
 
 SIGNALLED=0
+REQUEUE=0
 SRUN_PID=""
+# The trainer stops (checkpoint, exit 0) when this file appears: torchrun does not pass SIGUSR1 on
+# to its workers, and SIGTERM reaches them only with torchrun's short kill grace period.
+export LONGACT_STOP_FILE="$RUN_DIR/.stop-$SLURM_JOB_ID"
+rm -f "$LONGACT_STOP_FILE"
 # shellcheck disable=SC2317  # trap handler, called indirectly
 on_usr1() {
     SIGNALLED=1
-    echo "$(date -Is) SIGUSR1: time limit near; requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
+    REQUEUE=1
+    echo "$(date -Is) SIGUSR1: time limit near; asking the trainer to save ($LONGACT_STOP_FILE)," \
+         "then requeueing job $SLURM_JOB_ID"
+    touch "$LONGACT_STOP_FILE"
 }
 # shellcheck disable=SC2317  # trap handler, called indirectly
 on_term() {
@@ -106,4 +114,10 @@ while :; do
     [[ $SIGNALLED == 1 ]] || break
 done
 echo "$(date -Is) job step exited with status $rc"
+rm -f "$LONGACT_STOP_FILE"
+if [[ $REQUEUE == 1 ]]; then
+    # After the trainer's checkpoint is published: the requeued job resumes from it.
+    echo "$(date -Is) requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+fi
 exit "$rc"

@@ -31,6 +31,9 @@ def prepare(argv=None) -> tuple[RunConfig, object]:
     """Load and validate the config against the launcher's world size (no heavy work)."""
     args = parse_args(argv)
     cfg = load_run_config(args.config, args.overrides)
+    from megatron_longact.training.logs import check_wandb
+
+    check_wandb(cfg)
     env = read_dist_env()
     parallel = cfg.check_layout(env.world_size)
     return cfg, parallel
@@ -49,13 +52,21 @@ def main(argv=None) -> int:
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(out_dir / "tb"))
+        if cfg.train.mode == "rl":
+            # One definition of a step (training.logs): SFT warm-start steps, then RL steps.
+            steps = f"steps={cfg.sft.steps + cfg.train.steps} (sft {cfg.sft.steps} + rl {cfg.train.steps})"
+        else:
+            steps = f"steps={cfg.train.steps} ({cfg.train.mode})"
         print(f"longact-train: mode={cfg.train.mode} layout tp={parallel.tensor_model_parallel_size} "
               f"pp={parallel.pipeline_model_parallel_size} cp={parallel.context_parallel_size} "
-              f"dp={parallel.data_parallel_size} device={runtime.device} steps={cfg.train.steps}",
+              f"dp={parallel.data_parallel_size} device={runtime.device} {steps}",
               flush=True)
+        if cfg.train.mode == "lm":
+            # The SFT/RL trainer opens its own writer; one writer per run folder, so TensorBoard
+            # does not find an empty second event file.
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=str(out_dir / "tb"))
 
     if cfg.train.mode in ("sft", "rl"):
         from megatron_longact.training.trainer import Trainer
@@ -63,7 +74,6 @@ def main(argv=None) -> int:
         start = time.monotonic()
         history = Trainer(cfg, runtime).run()
         if rank0:
-            writer.close()
             print(f"done: {len(history)} steps in {time.monotonic() - start:.1f}s; logs in {out_dir}",
                   flush=True)
         from megatron_longact.runtime import destroy

@@ -1,4 +1,4 @@
-"""LongAct configuration (LONGACT_SPEC.md sections 1-3); the defaults are the project's choices
+"""LongAct configuration (docs/method.md); the defaults are the project's choices
 where the paper is silent."""
 
 from __future__ import annotations

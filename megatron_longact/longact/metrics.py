@@ -1,4 +1,4 @@
-"""Per-step LongAct metrics (LONGACT_SPEC.md section 5) and the saliency heatmap image."""
+"""Per-step LongAct metrics (docs/method.md, "What is logged") and the saliency heatmap image."""
 
 from __future__ import annotations
 

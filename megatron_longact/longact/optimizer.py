@@ -1,4 +1,4 @@
-"""Apply LongAct masks inside megatron-core's optimizers (LONGACT_SPEC.md section 3).
+"""Apply LongAct masks inside megatron-core's optimizers (docs/method.md, "Where the mask acts").
 
 :func:`install` wraps one megatron optimizer (usually a ChainedOptimizer) so that each ``step()``:
 1. reduces the step's Q/K statistics and updates the masks (``LongAct.end_step``);

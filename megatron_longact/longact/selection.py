@@ -1,4 +1,4 @@
-"""Channel selection: the LongAct mask from global statistics (LONGACT_SPEC.md section 2).
+"""Channel selection: the LongAct mask from global statistics (docs/method.md, "The mask").
 
 Pure functions of tensors in the global channel space; no communication. Every rank calls them
 with bit-identical statistics and gets bit-identical masks. Ties break toward the lower global

@@ -112,7 +112,17 @@ class Trainer:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({self.tokenizer.vocab_size})")
         self.reward = Reward(cfg.rl.reward)
-        self.stream = RecordStream(load_records(cfg, self.tokenizer), cfg.data.shuffle_seed)
+        from megatron_longact.data.prompt_limit import apply_prompt_limit
+
+        records, self.prompt_report = apply_prompt_limit(load_records(cfg, self.tokenizer),
+                                                         self._full_prompt, cfg.data)
+        self.prompts_truncated = 0
+        if self.prompt_report is not None and self.rank0:
+            r = self.prompt_report
+            print(f"data: {r.over} of {r.total} prompts are longer than data.max_prompt_length="
+                  f"{cfg.data.max_prompt_length} (longest {r.longest}); "
+                  f"{cfg.data.prompt_overflow}: {r.total - r.filtered} records left", flush=True)
+        self.stream = RecordStream(records, cfg.data.shuffle_seed)
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.sft_steps = cfg.sft.steps if cfg.train.mode == "rl" else cfg.train.steps
         self.rl_steps = cfg.train.steps if cfg.train.mode == "rl" else 0
@@ -131,8 +141,22 @@ class Trainer:
         self.out_dir = Path(cfg.output.dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
         self.writer = None
+        self.wandb = None
         self._stop = False
         self.history: list[dict] = []
+
+    def _full_prompt(self, record: dict) -> list[int]:
+        from megatron_longact.data.tokenizer import build_model_input
+
+        return build_model_input(record, self.tokenizer, self.cfg.data.prompt).ids
+
+    def _prompt(self, record: dict) -> list[int]:
+        """The prompt tokens of ``record`` under data.max_prompt_length (truncate counts)."""
+        from megatron_longact.data.prompt_limit import limit_prompt
+
+        ids, cut = limit_prompt(self._full_prompt(record), self.cfg.data)
+        self.prompts_truncated += int(cut)
+        return ids
 
     # -- set-up ------------------------------------------------------------------------------
     def _start_rl(self, *, copy_policy: bool = True) -> None:
@@ -163,7 +187,11 @@ class Trainer:
         self._stop = True
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop else 0.0])
+        from megatron_longact.runtime.stop import stop_file_present
+
+        # The SLURM scripts ask for a stop through a file as well as by signal: torchrun does not
+        # pass SIGUSR1 on to its workers (see runtime.stop).
+        flag = torch.tensor([1.0 if (self._stop or stop_file_present()) else 0.0])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -185,7 +213,7 @@ class Trainer:
 
             # Beside the checkpoints, so that eval and export need nothing but the checkpoint.
             write_run_config(self.ckpt_dir, self.cfg)
-            print(f"checkpoint: saved step {self.step} to {folder}", flush=True)
+            _info(f"checkpoint: saved step {self.step} to {folder}")
         return folder
 
     def _extra_models(self) -> dict:
@@ -214,11 +242,11 @@ class Trainer:
         if self.handle is not None and objs["longact"] is not None:
             self.handle.load_state_dict(objs["longact"])
         if self.rank0:
-            print(f"checkpoint: resumed from {folder} at step {self.step}", flush=True)
+            _info(f"checkpoint: resumed from {folder} at step {self.step}")
 
     # -- SFT ---------------------------------------------------------------------------------
     def sft_step(self) -> dict:
-        from megatron_longact.data.tokenizer import build_model_input, encode_completion
+        from megatron_longact.data.tokenizer import encode_completion
         from megatron_longact.training.engine import reduce_last_stage_mean, train_step
 
         cfg = self.cfg
@@ -227,7 +255,7 @@ class Trainer:
         seqs, loss_masks = [], []
         for i in range(per_rank):
             rec = self.stream[base + i]
-            prompt = build_model_input(rec, self.tokenizer, cfg.data.prompt).ids
+            prompt = self._prompt(rec)
             answer = encode_completion(rec["answer"], self.tokenizer)
             seqs.append(prompt + answer)
             loss_masks.append([0] * (len(prompt) - 1) + [1] * len(answer))
@@ -259,13 +287,12 @@ class Trainer:
     # -- RL ----------------------------------------------------------------------------------
     def _rollout(self, records: list[dict], sample_base: int) -> dict:
         """Generate ``group_size`` responses for each record; rewards and masks, on this rank."""
-        from megatron_longact.data.tokenizer import build_model_input
         from megatron_longact.generation import ModelParallelGroups, SamplingConfig, generate
         from megatron_longact.rl.dapo import soft_overlong_punishment
 
         rl = self.cfg.rl
         G = rl.group_size
-        prompts = [build_model_input(r, self.tokenizer, self.cfg.data.prompt).ids for r in records]
+        prompts = [self._prompt(r) for r in records]
         prompts = [p for p in prompts for _ in range(G)]
         sampling = SamplingConfig(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
                                   max_new_tokens=rl.max_new_tokens, seed=self.cfg.train.seed)
@@ -443,9 +470,13 @@ class Trainer:
         t_update = time.monotonic() - t1
         metrics = _reduce_metrics(metrics_acc)
         scores, rewards = batch["scores"], batch["rewards"]
+        # Policy entropy, Monte-Carlo estimate: mean -log p (at the sampling temperature) of the
+        # sampled response tokens under the policy that sampled them (old_lp, teacher-forced).
+        entropy_sum = float(-(old_lp * resp_BS[:, 1:].float()).sum())
         local = torch.tensor([scores.sum(), (scores >= 1.0).float().sum(), rewards.sum(),
                               gen.response_lengths.float().sum(), float(n),
-                              float(valid.sum()), float(batch["tries"])], dtype=torch.float64)
+                              float(valid.sum()), float(batch["tries"]), entropy_sum,
+                              float(resp_BS[:, 1:].sum())], dtype=torch.float64)
         if self.dp > 1:
             dist.all_reduce(local, group=_dp_group())
         count = float(local[4])
@@ -453,6 +484,7 @@ class Trainer:
             "rl/score": float(local[0]) / count, "rl/accuracy": float(local[1]) / count,
             "rl/reward": float(local[2]) / count, "rl/response_length": float(local[3]) / count,
             "rl/sampling_tries": float(local[6]) / self.dp,
+            "rl/entropy": float(local[7]) / max(float(local[8]), 1.0),
             "train/grad_norm": sum(grad_norms) / len(grad_norms), "train/lr": out["lr"],
             "perf/rollout_seconds": t_rollout, "perf/update_seconds": t_update,
             "perf/tokens": float(local[5]),
@@ -502,43 +534,67 @@ class Trainer:
         results = EvalResults(samples=samples, summary=summarize(samples))
         paths = write_report(results, self.out_dir / "eval", log_dir=str(self.out_dir / "tb"),
                              step=self.step, title=f"Evaluation after step {self.step}")
-        print(Path(paths["markdown"]).read_text(), flush=True)
+        _info(Path(paths["markdown"]).read_text())
         return results.summary
 
     # -- loop --------------------------------------------------------------------------------
     def _log(self, metrics: dict, elapsed: float, bar) -> None:
+        from megatron_longact.training import logs
+
+        if self.prompt_report is not None:
+            # This rank's prompts so far; the filter counts are global.
+            metrics = {**metrics, **self.prompt_report.metrics(),
+                       "data/prompts_truncated": float(self.prompts_truncated)}
         self.history.append({"step": self.step, **metrics})
+        self.clock.add(elapsed)
         if not self.rank0:
             return
-        for k, v in metrics.items():
+        scalars = {**metrics, "perf/tokens_per_second": metrics.get("perf/tokens", 0.0) / max(elapsed, 1e-9),
+                   "perf/seconds_per_step": elapsed}
+        for k, v in scalars.items():
             self.writer.add_scalar(k, v, self.step)
-        self.writer.add_scalar("perf/tokens_per_second", metrics.get("perf/tokens", 0.0) / max(elapsed, 1e-9),
-                               self.step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, self.step)
         if self.handle is not None and self.cfg.longact.heatmap_interval and \
                 self.step % self.cfg.longact.heatmap_interval == 0:
-            img = self.handle.longact.heatmap()
-            if img is not None:
-                self.writer.add_image("longact/saliency_heatmap", img, self.step, dataformats="HWC")
-        keys = ("sft/loss", "rl/reward", "rl/accuracy", "rl/response_length", "pg_loss",
-                "longact/kept_fraction_q", "train/grad_norm")
-        shown = "  ".join(f"{k.split('/')[-1]} {metrics[k]:.4f}" for k in keys if k in metrics)
-        bar.set_postfix_str(shown, refresh=False)
+            from megatron_longact.longact.figures import log_saliency_figures
+
+            log_saliency_figures(self.handle.longact, self.step, self.cfg.longact.keep_ratio,
+                                 self.out_dir / "figures", self.writer, self.wandb)
+        phase = logs.phase_of(self.step, self.sft_steps, self.total_steps)[0]
+        if not bar.disable and getattr(bar, "desc", phase) != phase:
+            bar.set_description_str(phase, refresh=False)
+        bar.set_postfix_str(logs.console_postfix(metrics), refresh=False)
         bar.update(1)
         if self.step % self.cfg.train.log_interval == 0 or self.step == self.total_steps - 1:
-            bar.write(f"step {self.step + 1:>4}/{self.total_steps}  {shown}")
+            line = logs.format_line(self.step, self.total_steps, self.sft_steps, metrics, elapsed, self.clock)
+            if bar.disable:
+                logs.get_logger().info(line)
+            else:
+                bar.write(line)
 
     def run(self) -> list[dict]:
         from tqdm import tqdm
 
+        import sys
+
+        from megatron_longact.training import logs
+
+        logs.setup_logging(self.runtime.rank, self.cfg.output.log_all_ranks)
+        self.clock = logs.StepClock()
         if self.rank0:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(self.out_dir / "tb"))
+            if self.cfg.output.wandb:
+                self.wandb = logs.WandbLogger(self.cfg, str(self.out_dir))
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             self.maybe_resume()
-            bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.rank0,
-                       dynamic_ncols=True, desc=self.cfg.train.mode)
+            # The bar only with a terminal; log files get the full lines of format_line instead.
+            bar = tqdm(total=self.total_steps, initial=self.step,
+                       disable=not (self.rank0 and sys.stdout.isatty()), dynamic_ncols=True,
+                       desc=logs.phase_of(self.step, self.sft_steps, self.total_steps)[0])
             while self.step < self.total_steps:
                 t0 = time.monotonic()
                 if self.step < self.sft_steps:
@@ -572,7 +628,15 @@ class Trainer:
                 signal.signal(s, h)
             if self.writer is not None:
                 self.writer.close()
+            if self.wandb is not None:
+                self.wandb.close()
         return self.history
+
+
+def _info(message: str) -> None:
+    from megatron_longact.training.logs import get_logger
+
+    get_logger().info(message)
 
 
 def _dp_group():

@@ -167,6 +167,25 @@ def apply_aliases(cls, data: dict, path: str = "") -> dict:
     return out
 
 
+def normalize_aliases(cls, data, path: str = ""):
+    """``data`` with every alias key of ``cls`` and its nested config sections renamed to the
+    canonical field. Apply it to each source (a YAML file, the overrides) before merging them, so
+    that an alias on the command line overrides the canonical name in the file."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return data
+    data = apply_aliases(cls, data, path)
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for name, value in data.items():
+        tp = hints.get(name)
+        if isinstance(value, dict) and tp is not None:
+            options = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+            sub = next((o for o in options if dataclasses.is_dataclass(o)), None)
+            if sub is not None:
+                out[name] = normalize_aliases(sub, value, f"{path}.{name}" if path else name)
+    return out
+
+
 def to_dict(obj) -> dict:
     """Plain nested dict of a config dataclass (tuples become lists) for YAML output."""
 
@@ -224,7 +243,7 @@ def _resolve_relative(data: dict, dotted: str, base: Path) -> None:
             node[leaf] = str((base / value).resolve())
 
 
-def load_yaml(path: str | Path, path_fields: tuple[str, ...] = ()) -> dict:
+def load_yaml(path: str | Path, path_fields: tuple[str, ...] = (), normalize=None) -> dict:
     """Read a YAML mapping; ``include: other.yaml`` (relative to the file) is merged underneath.
 
     ``path_fields``: dotted keys holding input paths; a relative one is resolved against the
@@ -241,10 +260,12 @@ def load_yaml(path: str | Path, path_fields: tuple[str, ...] = ()) -> dict:
     for dotted in path_fields:
         _resolve_relative(data, dotted, path.parent)
     include = data.pop("include", None)
+    if normalize is not None:
+        data = normalize(data)
     if include is not None:
         includes = [include] if isinstance(include, str) else include
         base: dict = {}
         for inc in includes:
-            base = deep_merge(base, load_yaml(path.parent / inc, path_fields))
+            base = deep_merge(base, load_yaml(path.parent / inc, path_fields, normalize))
         data = deep_merge(base, data)
     return data

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 from megatron_longact.config import ConfigError, check_choice, deep_merge, from_dict, load_yaml, \
-    parse_overrides
+    normalize_aliases, parse_overrides
 from megatron_longact.longact.config import LongActConfig
 from megatron_longact.models.config import ModelConfig
 from megatron_longact.runtime.distributed import ParallelConfig
@@ -87,7 +88,7 @@ def read_run_yaml(path: str | Path) -> dict:
     """The merged YAML mapping of the run config ``path`` names (before validation)."""
     from megatron_longact.config_files import PATH_FIELDS, resolve_config
 
-    return load_yaml(resolve_config(path), PATH_FIELDS)
+    return load_yaml(resolve_config(path), PATH_FIELDS, partial(normalize_aliases, RunConfig))
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -98,9 +99,9 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     relative input paths in the files resolve against the file that sets them."""
     raw = read_run_yaml(path) if path is not None else {}
     if data:
-        raw = deep_merge(raw, data)
+        raw = deep_merge(raw, normalize_aliases(RunConfig, data))
     if overrides:
-        raw = deep_merge(raw, parse_overrides(overrides))
+        raw = deep_merge(raw, normalize_aliases(RunConfig, parse_overrides(overrides)))
     if "model" not in raw:
         raise ConfigError("model: missing; a run config needs a model section (or include: one)")
     return from_dict(RunConfig, raw)

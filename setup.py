@@ -31,6 +31,8 @@ setup(
         # megatron.core.dist_checkpointing imports psutil but megatron-core does not declare it.
         "psutil>=5.9",
         "tqdm>=4.66",
+        # The saliency heatmap and top/median ratio figures (Agg backend, no display needed).
+        "matplotlib>=3.7",
     ],
     extras_require={
         # transformers builds the tiny Hugging Face models of the conversion parity tests locally.
@@ -41,6 +43,8 @@ setup(
         "hf": ["transformers>=4.51", "safetensors>=0.4"],
         # benchmarks/vs_trl.py only: TRL's GRPOTrainer as the reference; never needed by the package.
         "bench": ["trl>=1.16", "transformers>=4.51", "safetensors>=0.4"],
+        # Weights & Biases logging beside TensorBoard (output.wandb: true).
+        "wandb": ["wandb>=0.16"],
     },
     entry_points={
         "console_scripts": [

@@ -156,3 +156,34 @@ def test_run_logs_figures_and_stops_on_the_stop_file(tmp_path):
     assert (figures / "saliency_step0000001.png").is_file() and (figures / "top_median_ratio.png").is_file()
     events = list((tmp_path / "out" / "tb").glob("events.out.tfevents.*"))
     assert len(events) == 1, events
+
+
+def test_wandb_logger_is_optional(monkeypatch):
+    import sys
+    import types
+
+    from megatron_longact.training.logs import WandbLogger, check_wandb
+
+    cfg = load_run_config(ROOT / "configs" / "demo_cpu.yaml", ["output.wandb=true", "output.wandb_mode=offline"])
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ConfigError, match="output.wandb: true, but the wandb package is not installed"):
+        check_wandb(cfg)
+    calls = []
+
+    class Run:
+        def log(self, metrics, step):
+            calls.append(("log", dict(metrics), step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    check_wandb(cfg)
+    logger = WandbLogger(cfg, "runs/x")
+    logger.log({"rl/reward": 0.5}, 3)
+    logger.close()
+    init = calls[0][1]
+    assert init["project"] == "megatron-longact" and init["mode"] == "offline"
+    assert init["config"]["rl"]["group_size"] == cfg.rl.group_size
+    assert calls[1:] == [("log", {"rl/reward": 0.5}, 3), ("finish",)]

@@ -83,8 +83,6 @@ def _loop_worker(work: str, tokens: torch.Tensor, out) -> None:
         torch.set_num_threads(1)
         import json
 
-        import yaml
-
         from megatron_longact import checkpoint
         from megatron_longact.cli import convert, eval as eval_cli, train
         from megatron_longact.config import to_dict

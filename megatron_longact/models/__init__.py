@@ -1,1 +1,1 @@
-"""Model configs, the GPTModel builder and TP sharding helpers."""
+"""Model configs, the GPTModel builder and TP sharding utilities."""

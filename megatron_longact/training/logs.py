@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 
 LOGGER = "megatron_longact"
 
@@ -147,6 +146,3 @@ def check_wandb(cfg) -> None:
         raise ConfigError("output.wandb: true, but the wandb package is not installed "
                           "(pip install 'megatron-longact[wandb]')") from None
 
-
-def timed() -> float:
-    return time.monotonic()

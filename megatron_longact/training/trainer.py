@@ -472,7 +472,14 @@ class Trainer:
         scores, rewards = batch["scores"], batch["rewards"]
         # Policy entropy, Monte-Carlo estimate: mean -log p (at the sampling temperature) of the
         # sampled response tokens under the policy that sampled them (old_lp, teacher-forced).
-        entropy_sum = float(-(old_lp * resp_BS[:, 1:].float()).sum())
+        if old_lp is not None:
+            entropy_sum = float(-(old_lp * resp_BS[:, 1:].float()).sum())
+        else:
+            # On-policy runs skip that forward: the sampler's log-probs of the same tokens (the
+            # same temperature, before top-k/top-p) give the same estimate.
+            lp_BN = gen.log_probs.float().cpu()
+            pos_BN = torch.arange(lp_BN.shape[1]).unsqueeze(0) < gen.response_lengths.cpu().unsqueeze(1)
+            entropy_sum = float(-(lp_BN * pos_BN).sum())
         local = torch.tensor([scores.sum(), (scores >= 1.0).float().sum(), rewards.sum(),
                               gen.response_lengths.float().sum(), float(n),
                               float(valid.sum()), float(batch["tries"]), entropy_sum,

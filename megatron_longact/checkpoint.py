@@ -27,9 +27,9 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from megatron_longact.models.builder import unwrap
+from megatron_longact.runtime import collectives
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -118,12 +118,11 @@ def latest_valid(root: str | Path) -> Path | None:
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return collectives.rank()
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def has_legacy_object_keys(folder: str | Path) -> bool:

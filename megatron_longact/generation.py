@@ -71,6 +71,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longact.config import ConfigError, check_positive, check_range
+from megatron_longact.runtime import collectives
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,11 +293,11 @@ def _share_from_last_stage(values: torch.Tensor | None, shape: tuple, groups: Mo
     if groups.is_last_stage:
         buf = values.to(device=device, dtype=torch.float64).contiguous()
         if groups.tp_size > 1:
-            dist.broadcast(buf, src=dist.get_global_rank(groups.tp, 0), group=groups.tp)
+            collectives.broadcast(buf, 0, groups.tp)
     else:
         buf = torch.empty(shape, dtype=torch.float64, device=device)
     if groups.pp_size > 1:
-        dist.broadcast(buf, src=dist.get_global_rank(groups.pp, groups.pp_size - 1), group=groups.pp)
+        collectives.broadcast(buf, groups.pp_size - 1, groups.pp)
     return buf
 
 

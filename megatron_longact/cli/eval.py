@@ -236,12 +236,12 @@ def prepare(argv=None) -> Plan:
 def run(plan: Plan, runtime) -> dict | None:
     """Build the model, generate for this data-parallel rank's records, gather and (rank 0) write
     the report. Returns the paths written on rank 0, None elsewhere."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_longact.data.tokenizer import encode_prompt_text
     from megatron_longact.generation import ModelParallelGroups, SamplingConfig, generate
     from megatron_longact.models.builder import build_model
+    from megatron_longact.runtime import collectives
     from megatron_longact.tasks.suite import EvalResults, evaluate, summarize, write_report
     from megatron_longact.training.engine import reference_initialize
 
@@ -283,8 +283,7 @@ def run(plan: Plan, runtime) -> dict | None:
                        batch_size=ecfg.batch_size, pass_max_new_tokens=True, progress=progress)
     samples = results.samples
     if dp > 1:
-        parts = [None] * dp
-        dist.all_gather_object(parts, samples, group=ps.get_data_parallel_group())
+        parts = collectives.all_gather_object(samples, ps.get_data_parallel_group())
         samples = [s for part in parts for s in part]
     if not rank0:
         return None

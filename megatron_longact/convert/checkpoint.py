@@ -31,12 +31,11 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from megatron_longact.config import ConfigError, from_dict, to_dict
 from megatron_longact.convert import hf as hfmap
 from megatron_longact.models.config import ModelConfig
-from megatron_longact.runtime import ParallelConfig
+from megatron_longact.runtime import ParallelConfig, collectives
 
 FORMAT = "megatron_longact.model_weights"
 FORMAT_VERSION = 1
@@ -51,12 +50,11 @@ _SHAPE_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return collectives.rank()
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def partial_dir(final: Path) -> Path:
@@ -273,4 +271,4 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, parallel: ParallelCon
 
 
 def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return collectives.size()

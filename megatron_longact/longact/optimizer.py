@@ -24,11 +24,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from megatron_longact.compat import MainParamRef, main_param_refs
 from megatron_longact.longact.config import LongActConfig
 from megatron_longact.longact.controller import LongAct, LongActGroups, megatron_groups
+from megatron_longact.runtime import collectives
 
 
 class _RowPlan:
@@ -295,8 +295,8 @@ class LongActHandle:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
             sums = torch.zeros(2, dtype=torch.float64, device=device)
         for group in groups.values():  # one group in practice; the norm's own reduction group
-            if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-                dist.all_reduce(sums, group=group)
+            if group is not None:
+                collectives.all_reduce(sums, group)
         return sums
 
     def _compact(self, torch_opt, args, kwargs) -> None:

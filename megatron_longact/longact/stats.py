@@ -26,9 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megatron_longact.longact.layout import QKGeometry
+from megatron_longact.runtime import collectives
 
 
 @dataclass
@@ -213,10 +213,10 @@ class StatsCollector:
         q, k = self._q.clone(), self._k.clone()
         count = self._count.clone()
         if _size(dp_cp_group) > 1:
-            op = dist.ReduceOp.MAX if max_op else dist.ReduceOp.SUM
-            dist.all_reduce(q, op=op, group=dp_cp_group)
-            dist.all_reduce(k, op=op, group=dp_cp_group)
-            dist.all_reduce(count, group=dp_cp_group)
+            op = "max" if max_op else "sum"
+            collectives.all_reduce(q, dp_cp_group, op)
+            collectives.all_reduce(k, dp_cp_group, op)
+            collectives.all_reduce(count, dp_cp_group)
         if not max_op:
             denom = count.clamp(min=1.0).to(torch.float32)[:, None]
             q, k = q / denom, k / denom
@@ -234,13 +234,11 @@ class StatsCollector:
         for group in (tp_group, pp_group):
             if _size(group) > 1:
                 for t in (q_LC, k_LC, tokens_L):
-                    dist.all_reduce(t, group=group)
+                    collectives.all_reduce(t, group)
         if reset:
             self.reset()
         return GlobalStats(q_LC.cpu(), k_LC.cpu(), tokens_L.cpu())
 
 
 def _size(group) -> int:
-    if group is None or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
+    return 1 if group is None else collectives.size(group)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
+
+from megatron_longact.runtime import collectives
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,12 @@ def global_batch_counts(response_masks: torch.Tensor | Sequence[torch.Tensor], g
     masks = _as_list(response_masks)
     counts = _local_counts_tensor(masks)
     if group is None:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise ValueError(f"group: got None with torch.distributed running on {dist.get_world_size()} "
+        if collectives.size() > 1:
+            raise ValueError(f"group: got None with torch.distributed running on {collectives.size()} "
                              "ranks, expected the data-parallel process group "
                              "(parallel_state.get_data_parallel_group())")
     else:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        # The masks may live on the CPU; the collective runs on the group's device.
+        collectives.all_reduce(counts, group)
     num_tokens, num_seqs = counts.tolist()
     return BatchCounts(num_tokens=num_tokens, num_seqs=num_seqs)

@@ -140,16 +140,18 @@ def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, 
 def reduce_last_stage_mean(values: list[float]) -> float:
     """Mean of a per-micro-batch scalar over micro-batches and data-parallel ranks, computed on
     the last pipeline stage and broadcast to every rank of the pipeline."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    t = torch.zeros(2, dtype=torch.float64)
+    from megatron_longact.runtime import collectives
+
+    total = [0.0, 0.0]
     if ps.is_pipeline_last_stage():
-        t[0] = float(sum(values))
-        t[1] = float(len(values))
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(),
-                       group=ps.get_pipeline_model_parallel_group())
-    return float(t[0] / t[1])
+        total = collectives.all_reduce_values([float(sum(values)), float(len(values))],
+                                              ps.get_data_parallel_group())
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp > 1:
+        group = ps.get_pipeline_model_parallel_group()
+        t = torch.tensor(total, dtype=torch.float64, device=collectives.comm_device(group))
+        total = collectives.broadcast(t, pp - 1, group).tolist()
+    return float(total[0] / total[1])
 

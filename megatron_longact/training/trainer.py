@@ -31,10 +31,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from megatron_longact.config import ConfigError
 from megatron_longact.run_config import RunConfig
+from megatron_longact.runtime import collectives
 
 ROUND = 16  # sequence lengths of a batch are padded to a multiple of this
 
@@ -191,10 +191,8 @@ class Trainer:
 
         # The SLURM scripts ask for a stop through a file as well as by signal: torchrun does not
         # pass SIGUSR1 on to its workers (see runtime.stop).
-        flag = torch.tensor([1.0 if (self._stop or stop_file_present()) else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        stop = self._stop or stop_file_present()
+        return collectives.all_reduce_values([1.0 if stop else 0.0], None, op="max")[0] > 0
 
     # -- checkpoints -------------------------------------------------------------------------
     def _objects(self) -> dict:
@@ -265,9 +263,7 @@ class Trainer:
             mask[i, :len(m)] = torch.tensor(m, dtype=torch.float32)
         labels = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), self.tokenizer.pad_id)], 1)
         mask = torch.cat([mask, torch.zeros(tokens.shape[0], 1)], 1)
-        total = torch.tensor([mask.sum()], dtype=torch.float64)
-        if self.dp > 1:
-            dist.all_reduce(total, group=_dp_group())
+        total = collectives.all_reduce_values([float(mask.sum())], _dp_group())[0]
         mb = cfg.train.micro_batch_size
         n_mb = math.ceil(per_rank / mb)
         scale = n_mb * self.dp / float(total)
@@ -480,12 +476,11 @@ class Trainer:
             lp_BN = gen.log_probs.float().cpu()
             pos_BN = torch.arange(lp_BN.shape[1]).unsqueeze(0) < gen.response_lengths.cpu().unsqueeze(1)
             entropy_sum = float(-(lp_BN * pos_BN).sum())
-        local = torch.tensor([scores.sum(), (scores >= 1.0).float().sum(), rewards.sum(),
-                              gen.response_lengths.float().sum(), float(n),
-                              float(valid.sum()), float(batch["tries"]), entropy_sum,
-                              float(resp_BS[:, 1:].sum())], dtype=torch.float64)
-        if self.dp > 1:
-            dist.all_reduce(local, group=_dp_group())
+        local = collectives.all_reduce_values(
+            [scores.sum(), (scores >= 1.0).float().sum(), rewards.sum(),
+             gen.response_lengths.float().sum(), float(n), float(valid.sum()), float(batch["tries"]),
+             entropy_sum, float(resp_BS[:, 1:].sum())],
+            _dp_group())
         count = float(local[4])
         metrics.update({
             "rl/score": float(local[0]) / count, "rl/accuracy": float(local[1]) / count,
@@ -531,8 +526,7 @@ class Trainer:
                            batch_size=16, pass_max_new_tokens=True)
         samples = results.samples
         if self.dp > 1:
-            parts = [None] * self.dp
-            dist.all_gather_object(parts, samples, group=ps.get_data_parallel_group())
+            parts = collectives.all_gather_object(samples, ps.get_data_parallel_group())
             samples = [s for part in parts for s in part]
         if self.handle is not None:
             self.handle.set_collecting(True)
@@ -709,12 +703,11 @@ def _reduce_metrics(acc: dict[str, list[float]]) -> dict[str, float]:
     from megatron_longact.training.engine import reduce_last_stage_mean
 
     # Every rank of the last stage has the same names; other stages learn them by broadcast.
-    obj = [sorted(acc)]
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast_object_list(obj, src=ps.get_pipeline_model_parallel_last_rank(),
-                                   group=ps.get_pipeline_model_parallel_group())
+    pp = ps.get_pipeline_model_parallel_world_size()
+    names = collectives.broadcast_object(sorted(acc), pp - 1, ps.get_pipeline_model_parallel_group()) \
+        if pp > 1 else sorted(acc)
     out = {}
-    for name in obj[0]:
+    for name in names:
         key = name if "/" in name else f"rl/{name}"
         out[key] = reduce_last_stage_mean(acc.get(name, [0.0]))
     return out

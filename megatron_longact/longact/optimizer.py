@@ -430,6 +430,12 @@ def install(model_chunks: list, optimizer, config: LongActConfig | None = None, 
     not update passes (rollouts, evaluation).
     """
     config = config or LongActConfig()
+    if len(model_chunks) != 1:
+        # Micro-batch ids (recomputation dedup, token masks) are tracked per model forward; with
+        # virtual pipeline stages the chunks' forwards interleave and the ids would mix.
+        raise NotImplementedError(
+            f"LongAct: got {len(model_chunks)} model chunks; virtual pipeline stages "
+            "(virtual_pipeline_model_parallel_size > 1) are not supported, use one chunk per rank")
     groups = groups or megatron_groups()
     tconfig = model_chunks[0].config
     longact = LongAct(config, model_chunks, tconfig, groups)

@@ -39,19 +39,43 @@ class MaskState:
 
     def update(self, stats: GlobalStats, step: int) -> bool:
         """Fold in step ``step``'s statistics; recompute the mask when the schedule says so.
-        Returns True when a new mask was computed."""
+        Returns True when a new mask was computed.
+
+        A layer whose statistics saw no token this step (``stats.tokens_L == 0``, e.g. every
+        response of the step was empty under ``tokens=response``) carries no information: a
+        ranking of its all-zero statistics would just keep the lowest-index channels. Such a layer
+        keeps its previous EMA and its previous mask (with ``scope=model`` the whole previous mask
+        is kept, since one top-k spans all layers). With no previous mask to keep, the step raises.
+        """
         decay = self.cfg.ema
+        empty_L = stats.tokens_L.to(torch.float64) == 0
         if self.ema_q_LC is None or decay == 0.0:
-            self.ema_q_LC, self.ema_k_LC = stats.q_LC.clone(), stats.k_LC.clone()
+            new_q, new_k = stats.q_LC.clone(), stats.k_LC.clone()
         else:
-            self.ema_q_LC = decay * self.ema_q_LC + (1.0 - decay) * stats.q_LC
-            self.ema_k_LC = decay * self.ema_k_LC + (1.0 - decay) * stats.k_LC
+            new_q = decay * self.ema_q_LC + (1.0 - decay) * stats.q_LC
+            new_k = decay * self.ema_k_LC + (1.0 - decay) * stats.k_LC
+        if self.ema_q_LC is not None and bool(empty_L.any()):
+            new_q[empty_L], new_k[empty_L] = self.ema_q_LC[empty_L], self.ema_k_LC[empty_L]
+        self.ema_q_LC, self.ema_k_LC = new_q, new_k
         self.steps_seen = step + 1
         if not self._due(step):
             return False
+        ranked = self.cfg.strategy in ("topk", "bottomk")
+        if ranked and bool(empty_L.any()):
+            layers = empty_L.nonzero().flatten().tolist()
+            if self.q_keep_LC is None:
+                raise RuntimeError(
+                    f"LongAct: attention layers {layers} (global index) saw no token in step {step} and "
+                    f"there is no previous mask to keep; with longact.tokens={self.cfg.tokens!r} the "
+                    "step's batch selected nothing for them (check the response masks, or start the "
+                    "mask later with longact.warmup_steps)")
+            if self.cfg.scope == "model":
+                return False  # the whole previous mask stays
         q_keep, k_keep = select_channels(
             self.ema_q_LC, self.ema_k_LC, self.geometry, keep_ratio=self.cfg.keep_ratio,
             scope=self.cfg.scope, strategy=self.cfg.strategy, seed=self.cfg.seed, step=step)
+        if ranked and bool(empty_L.any()):
+            q_keep[empty_L], k_keep[empty_L] = self.q_keep_LC[empty_L], self.k_keep_LC[empty_L]
         self.prev_q_keep_LC, self.prev_k_keep_LC = self.q_keep_LC, self.k_keep_LC
         self.q_keep_LC, self.k_keep_LC = q_keep, k_keep
         self.last_mask_step = step

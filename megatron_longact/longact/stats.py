@@ -19,6 +19,9 @@ never the model's own forward); a hook that fires a second time for the same (la
 recomputation and is ignored. Under pipeline schedules the recomputation of micro-batch j happens
 after a later micro-batch's forward has already passed every layer of the stage, so the same rule
 holds. :meth:`StatsCollector.begin_microbatch` attaches a token mask to the next forward.
+
+Only forwards that build an autograd graph are counted (``torch.is_grad_enabled()`` inside the
+hook): no-grad forwards are never update passes.
 """
 
 from __future__ import annotations
@@ -149,7 +152,11 @@ class StatsCollector:
             self._token_mask_SB = None
 
     def _observe(self, slot: int, which: str, x_SBND: torch.Tensor) -> None:
-        if not self.enabled:
+        # Only update passes count. A forward that builds no autograd graph (rollouts, old-policy
+        # and reference log-probs, evaluation) never does, whether or not its caller remembered
+        # set_collecting(False); activation recomputation runs under enable_grad and is
+        # deduplicated below.
+        if not self.enabled or not torch.is_grad_enabled():
             return
         if x_SBND.dim() != 4:
             raise NotImplementedError(

@@ -7,4 +7,6 @@ PY=${PYTHON:-python3}
 "$PY" -m venv --clear .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet "torch==2.13.0" -e .
+# The demo is a CPU run by design, also on a machine that has GPUs.
+export MEGATRON_LONGACT_CPU=1
 exec .venv/bin/longact-train --config configs/demo_cpu.yaml "$@"

@@ -37,6 +37,28 @@ def use_transformer_engine(cfg: ModelConfig) -> bool:
     return available
 
 
+def fused_kernel_flags(te: bool) -> dict:
+    """``gradient_accumulation_fusion`` and ``apply_rope_fusion``: on where their kernels exist.
+
+    Gradient-accumulation fusion accumulates weight gradients straight into DDP's fp32
+    ``main_grad`` buffer inside the wgrad GEMM (TE's linears do it themselves; megatron's own
+    ColumnParallelLinear, the output layer, needs Apex's ``fused_weight_gradient_mlp_cuda``, which
+    a pip-only install lacks). RoPE fusion is TE's fused rotary kernel. Both stay off on the CPU
+    path and with the local spec, where the kernels cannot run.
+    """
+    if not te:
+        return dict(gradient_accumulation_fusion=False, apply_rope_fusion=False)
+    import importlib.util
+
+    from megatron_longact.compat import require_attr
+
+    fused_rope = require_attr("megatron.core.models.common.embeddings.rope_utils",
+                              "fused_apply_rotary_pos_emb")
+    return dict(gradient_accumulation_fusion=importlib.util.find_spec("fused_weight_gradient_mlp_cuda")
+                is not None,
+                apply_rope_fusion=fused_rope is not None)
+
+
 def transformer_config(cfg: ModelConfig, parallel: ParallelConfig):
     """The megatron-core TransformerConfig for this model and layout."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -85,10 +107,9 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig):
         # Fused kernels come from Apex/TE/CUDA; the CPU path uses the plain torch ops.
         use_cpu_initialization=cpu,
         bias_dropout_fusion=not cpu,
-        apply_rope_fusion=False,
         masked_softmax_fusion=not cpu,
-        gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **fused_kernel_flags(use_transformer_engine(cfg)),
         **recompute,
         **fp8,
     )

@@ -3,7 +3,9 @@
 One entry point, :func:`initialize`, used by the CLI, the tests and the benchmarks:
 1. read rank, world size and rendezvous address from torchrun, SLURM, or neither (one process);
 2. pick NCCL when CUDA is available and gloo otherwise; on CPU, enable the runtime layer of
-   :mod:`megatron_longact.compat` (it refuses to activate when CUDA is available);
+   :mod:`megatron_longact.compat` (it refuses to activate when CUDA is available, and
+   :mod:`megatron_longact.runtime.gpu_guard` refuses a machine that looks like a GPU node unless
+   ``MEGATRON_LONGACT_CPU=1``);
 3. build megatron-core's parallel state for (TP, PP, CP, DP); DP is what is left of the world;
 4. seed Python, NumPy, torch and megatron's model-parallel RNG tracker.
 """
@@ -184,7 +186,9 @@ def initialize(parallel: ParallelConfig | None = None, *, seed: int = 1234, back
         device = torch.device("cuda", env.local_rank)
     else:
         from megatron_longact.compat import enable_cpu_runtime
+        from megatron_longact.runtime.gpu_guard import check_cpu_fallback
 
+        check_cpu_fallback(environ)
         enable_cpu_runtime()
         device = torch.device("cpu")
     if parallel.sequence_parallel is None:

@@ -66,18 +66,22 @@ def optimizer_config(train_cfg: TrainConfig, model_cfg: ModelConfig):
 
 
 def setup_engine(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel: ParallelConfig,
-                 trainable: Callable[[str], bool] | None = None) -> Engine:
+                 trainable: Callable[[str], bool] | None = None, *,
+                 initialize_weights: bool = True) -> Engine:
     """Build, initialize and wrap the model; build the optimizer and LR schedule.
 
     ``trainable(name)``, when given, picks the parameters that train (the others get
     ``requires_grad=False`` before DDP and the optimizer see them, e.g. to time the optimizer step
-    of one layer shape alone)."""
+    of one layer shape alone). ``initialize_weights=False`` skips the layout-independent reference
+    initialization (it draws every global weight on every rank: billions of normals at 70B) for
+    callers that load all weights from a checkpoint right after."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     gpt, tconfig = build_model(model_cfg, parallel)
-    reference_initialize(gpt, model_cfg, train_cfg.seed)
+    if initialize_weights:
+        reference_initialize(gpt, model_cfg, train_cfg.seed)
     if trainable is not None:
         for name, param in gpt.named_parameters():
             param.requires_grad_(trainable(name))

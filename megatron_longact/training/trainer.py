@@ -128,7 +128,8 @@ class Trainer:
         self.rl_steps = cfg.train.steps if cfg.train.mode == "rl" else 0
         self.total_steps = self.sft_steps + self.rl_steps
         train = cfg.train
-        self.engine = setup_engine(cfg.model, train, runtime.parallel)
+        self.engine = setup_engine(cfg.model, train, runtime.parallel,
+                                   initialize_weights=not cfg.checkpoint.load_weights)
         if cfg.checkpoint.load_weights:
             from megatron_longact.convert.checkpoint import load_model_weights
 
@@ -495,12 +496,9 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self) -> dict | None:
-        from megatron.core import parallel_state as ps
-
-        from megatron_longact.data.tokenizer import encode_prompt_text
-        from megatron_longact.generation import ModelParallelGroups, SamplingConfig, generate
+        from megatron_longact.generation import ModelParallelGroups
         from megatron_longact.tasks.ruler import RulerConfig, generate_ruler
-        from megatron_longact.tasks.suite import EvalResults, evaluate, summarize, write_report
+        from megatron_longact.tasks.suite import EvalResults, summarize, write_report
 
         ev = self.cfg.evaluation
         if not ev.lengths:
@@ -514,6 +512,25 @@ class Trainer:
         model, groups = self.engine.model[0], ModelParallelGroups.from_parallel_state()
         if self.handle is not None:
             self.handle.set_collecting(False)
+        try:
+            samples = self._evaluate_samples(local, model, groups)
+        finally:
+            if self.handle is not None:
+                self.handle.set_collecting(True)
+        if not self.rank0:
+            return None
+        results = EvalResults(samples=samples, summary=summarize(samples))
+        paths = write_report(results, self.out_dir / "eval", log_dir=str(self.out_dir / "tb"),
+                             step=self.step, title=f"Evaluation after step {self.step}")
+        _info(Path(paths["markdown"]).read_text())
+        return results.summary
+
+    def _evaluate_samples(self, local: list[dict], model, groups) -> list:
+        from megatron.core import parallel_state as ps
+
+        from megatron_longact.data.tokenizer import encode_prompt_text
+        from megatron_longact.generation import SamplingConfig, generate
+        from megatron_longact.tasks.suite import evaluate
 
         def generate_fn(texts, max_new_tokens):
             prompts = [encode_prompt_text(t, self.tokenizer, self.cfg.data.prompt) for t in texts]
@@ -528,15 +545,7 @@ class Trainer:
         if self.dp > 1:
             parts = collectives.all_gather_object(samples, ps.get_data_parallel_group())
             samples = [s for part in parts for s in part]
-        if self.handle is not None:
-            self.handle.set_collecting(True)
-        if not self.rank0:
-            return None
-        results = EvalResults(samples=samples, summary=summarize(samples))
-        paths = write_report(results, self.out_dir / "eval", log_dir=str(self.out_dir / "tb"),
-                             step=self.step, title=f"Evaluation after step {self.step}")
-        _info(Path(paths["markdown"]).read_text())
-        return results.summary
+        return samples
 
     # -- loop --------------------------------------------------------------------------------
     def _log(self, metrics: dict, elapsed: float, bar) -> None:

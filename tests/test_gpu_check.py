@@ -1,0 +1,61 @@
+"""The GPU acceptance script: argument parsing, its table, and its refusal to run without CUDA."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from megatron_longact import gpu_check
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_and_selection():
+    opts = gpu_check.parse_args([])
+    assert opts.checks == list(gpu_check.CHECKS) and opts.seq == 8192 and opts.gpus is None
+    opts = gpu_check.parse_args(["--only", "nccl,rl_tp1", "--skip", "rl_tp1", "--gpus", "4"])
+    assert opts.checks == ["nccl"] and opts.gpus == 4
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--only", "nccl,warp"], "unknown check(s) warp"),
+    (["--steps", "0"], "--steps: got 0"),
+    (["--seq", "1000"], "--seq: got 1000, expected a multiple of 128"),
+    (["--only", "nccl", "--skip", "nccl"], "no check left"),
+])
+def test_bad_arguments_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu_check.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_result_line_table_and_tp():
+    out = "noise\nGPU_CHECK_RESULT {\"status\": \"PASS\", \"detail\": \"x\"}\nmore\n"
+    assert gpu_check.parse_result(out) == {"status": "PASS", "detail": "x"}
+    assert gpu_check.parse_result("no result") is None
+    table = gpu_check.format_table([{"check": "nccl", "status": "PASS", "seconds": 1.25, "detail": "ok"},
+                                    {"check": "fp8_step", "status": "SKIP", "seconds": None, "detail": "no TE"}])
+    lines = table.splitlines()
+    assert lines[0].split() == ["check", "status", "seconds", "detail"]
+    assert lines[2].split() == ["nccl", "PASS", "1.2", "ok"] and lines[3].split()[:3] == ["fp8_step", "SKIP", "-"]
+    assert [gpu_check.tp_for(n) for n in (1, 2, 3, 4, 7, 8, 16)] == [1, 2, 2, 4, 4, 8, 8]
+
+
+def test_refuses_without_cuda_and_runs_nothing(monkeypatch, capsys):
+    monkeypatch.setattr(gpu_check, "cuda_status", lambda: (0, "no CUDA device here"))
+    monkeypatch.setattr(gpu_check, "_launch", lambda *a, **k: pytest.fail("a check ran without CUDA"))
+    assert gpu_check.main([]) == 1
+    assert "Nothing was run" in capsys.readouterr().err
+
+
+def test_shell_entry_point_refuses_on_this_cpu_machine():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    env = dict(os.environ, PYTHON=str(Path(os.sys.executable)))
+    proc = subprocess.run(["bash", str(ROOT / "launch/gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "sees no CUDA device" in proc.stderr and "Nothing was run" in proc.stderr

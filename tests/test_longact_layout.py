@@ -131,8 +131,8 @@ def _reference_check(runtime):
             for point in ("pre_rope", "post_rope"):
                 la = LongAct(LongActConfig(stat=stat, point=point), [model], tconfig, LongActGroups())
                 la.begin_microbatch()
-                with torch.no_grad():
-                    model(tokens, pos, None)
+                # A forward that builds a graph: statistics only count update passes.
+                model(tokens, pos, None)
                 la.end_step(0)
                 la.remove()
                 ref_q, ref_k = _reference_qk(model, inputs, cfg)

@@ -1,28 +1,43 @@
 """Training checkpoints: model, optimizer, scheduler, LongAct state, RNG and step in one megatron
 distributed checkpoint (torch_dist), written under a temporary name and published atomically.
 
-Layout under the checkpoint root::
+Layout under the checkpoint root (Megatron-LM's, so that its tools and users' scripts find them)::
 
-    step_00000004/            a complete checkpoint (dist_checkpointing files + manifest.json)
-    .tmp_step_00000006/       a save in progress or interrupted (never loaded)
-    latest                    text file naming the newest complete checkpoint
+    iter_0000004/                       a complete checkpoint (dist_checkpointing files + manifest.json)
+    .tmp_iter_0000006/                  a save in progress or interrupted (never loaded)
+    .old_iter_0000004/                  the published copy of a step being re-saved (see below)
+    latest_checkpointed_iteration.txt   the newest published iteration, as a number
 
-Publishing: every rank writes into ``.tmp_step_N``; after a barrier rank 0 writes
-``manifest.json`` (every file with its size, and optionally a CRC32), renames the folder to
-``step_N`` (atomic on one filesystem) and replaces ``latest`` atomically. A crash at any point
-leaves the previous checkpoint and ``latest`` intact. Loading checks the manifest first and fails
-with a message naming the checkpoint and the bad file before any tensor is read.
+Publishing: every rank writes into ``.tmp_iter_N``; after a barrier rank 0 writes
+``manifest.json`` (every file with its size, optionally a CRC32, the TP/PP layout and the model
+shape), renames the folder to ``iter_N`` (atomic on one filesystem) and replaces the tracker file
+atomically. A crash at any point leaves the previous checkpoint and the tracker intact. Re-saving
+an existing step first renames the published copy to ``.old_iter_N`` and deletes it only after the
+new copy is in place; :func:`recover` (run at start-up) puts a stranded ``.old_iter_N`` back and
+removes stale temporary folders. Loading checks the manifest first and fails with a message naming
+the checkpoint and the bad file before any tensor is read.
+
+Nothing is published with non-finite weights or optimizer state: :func:`save` checks every local
+tensor it is about to write (one pass, far cheaper than the write) and raises
+:class:`NonFiniteCheckpointError` on every rank before the rename.
 
 The optimizer uses megatron's ``dp_reshardable`` format (resumable under another data-parallel
-size; see docs/megatron_internals.md for why not the default format).
+size, not under another TP/PP: :func:`check_layout` says so in one line before any model is built;
+docs/megatron_internals.md explains the choice and how to move a run to another TP/PP).
+
+Checkpoints written before this layout (``step_NNNNNNNN`` folders and a ``latest`` file) load when
+named explicitly (``checkpoint.resume=<root>/step_NNNNNNNN``); ``resume: auto`` on such a root
+stops with one line that says how to rename them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import time
 import zlib
 from pathlib import Path
 
@@ -32,21 +47,45 @@ from megatron_longact.models.builder import unwrap
 from megatron_longact.runtime import collectives
 
 MANIFEST = "manifest.json"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+TRACKER = "latest_checkpointed_iteration.txt"
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+_OLD_STEP_DIR = re.compile(r"^step_(\d{8})$")
 _SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 # Key of the global objects (scheduler, step, LongAct state, ...). Megatron stores a sharded
 # object as "<key>/shard_<offset>_<shape>" and splits that on "/", so the key must not hold one.
 # Checkpoints written before carry "longact_objects/<name>" (LEGACY_OBJECT_PREFIX); they still load.
 OBJECT_PREFIX = "longact_objects."
 LEGACY_OBJECT_PREFIX = "longact_objects/"
+# Test hook, read only here and unset in real runs: ``STEP:SECONDS[:WHERE]`` sleeps inside the
+# save of STEP so that a test can kill -9 the run there. WHERE is ``write`` (default: the files
+# are written, nothing is published yet) or ``swap`` (a re-save moved the published copy aside
+# and has not moved the new one in yet).
+_PAUSE_ENV = "LONGACT_TEST_PAUSE_IN_SAVE"
+
+
+def _test_pause(step: int, where: str) -> None:
+    spec = os.environ.get(_PAUSE_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    if int(parts[0]) == step and (parts[2] if len(parts) > 2 else "write") == where:
+        print(f"checkpoint: test pause in the save of step {step} ({where})", flush=True)
+        time.sleep(float(parts[1]))
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt."""
+    """A checkpoint is missing, incomplete, corrupt or does not fit this run."""
 
 
-def step_dir(root: Path, step: int) -> Path:
-    return Path(root) / f"step_{step:08d}"
+class NonFiniteCheckpointError(CheckpointError):
+    """The state about to be saved holds NaN or inf; nothing was published."""
+
+
+def iter_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"iter_{step:07d}"
+
+
+step_dir = iter_dir  # the name used before the Megatron-LM layout
 
 
 def _crc32(path: Path) -> int:
@@ -57,7 +96,7 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _write_manifest(folder: Path, step: int, checksum: bool) -> None:
+def _write_manifest(folder: Path, step: int, checksum: bool, info: dict | None = None) -> None:
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
@@ -66,31 +105,43 @@ def _write_manifest(folder: Path, step: int, checksum: bool) -> None:
             if checksum:
                 files[rel]["crc32"] = _crc32(p)
     tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "files": files, "checksum": checksum}, indent=1))
+    tmp.write_text(json.dumps({"step": step, "files": files, "checksum": checksum, **(info or {})},
+                              indent=1))
     os.replace(tmp, folder / MANIFEST)
 
 
 def verify(folder: str | Path) -> dict:
     """Check a checkpoint against its manifest; return the manifest or raise CheckpointError."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if not folder.exists():
         raise CheckpointError(f"checkpoint {folder} does not exist")
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} is a file, expected a checkpoint folder")
     mpath = folder / MANIFEST
     if not mpath.is_file():
+        if (folder / TRACKER).is_file() or any(_ITER_DIR.match(p.name) for p in folder.iterdir()):
+            raise CheckpointError(f"checkpoint {folder} is a checkpoint root, not one checkpoint; "
+                                  f"name one of its iter_* folders or use checkpoint.resume=auto "
+                                  f"with checkpoint.dir={folder}")
         raise CheckpointError(f"checkpoint {folder} is incomplete: it has no {MANIFEST} (the save "
-                              "did not finish)")
+                              "did not finish, or this is not a checkpoint of this project)")
     try:
         manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint {folder}: {MANIFEST} is corrupt ({exc})") from None
-    for rel, info in manifest["files"].items():
+        files = manifest["files"]
+        int(manifest["step"])
+        sizes = {rel: int(info["size"]) for rel, info in files.items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError,
+            AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {folder}: {MANIFEST} is corrupt ({type(exc).__name__}: "
+                              f"{exc})") from None
+    for rel, info in files.items():
         path = folder / rel
         if not path.is_file():
             raise CheckpointError(f"checkpoint {folder} is incomplete: {rel} is missing")
         size = path.stat().st_size
-        if size != info["size"]:
+        if size != sizes[rel]:
             raise CheckpointError(f"checkpoint {folder} is corrupt: {rel} has {size} bytes, the "
-                                  f"manifest says {info['size']} (truncated or overwritten)")
+                                  f"manifest says {sizes[rel]} (truncated or overwritten)")
         if "crc32" in info and _crc32(path) != info["crc32"]:
             raise CheckpointError(f"checkpoint {folder} is corrupt: {rel} fails its CRC32 check")
     return manifest
@@ -101,8 +152,19 @@ def list_complete(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    found = [p for p in root.iterdir() if _ITER_DIR.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(_ITER_DIR.match(p.name).group(1)))
+
+
+def read_tracker(root: str | Path) -> int | None:
+    """The iteration named by ``latest_checkpointed_iteration.txt``, or None without one."""
+    path = Path(root) / TRACKER
+    if not path.is_file():
+        return None
+    text = path.read_text(errors="replace").strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: got {text[:40]!r}, expected an iteration number")
+    return int(text)
 
 
 def latest_valid(root: str | Path) -> Path | None:
@@ -115,6 +177,103 @@ def latest_valid(root: str | Path) -> Path | None:
         except CheckpointError:
             continue
     return None
+
+
+def resolve_auto(root: str | Path) -> Path | None:
+    """The checkpoint ``resume: auto`` continues from, or None for a fresh start.
+
+    Starting from scratch is only allowed when the root holds no trace of a checkpoint: when the
+    tracker names an iteration and no valid checkpoint is left, or when only old-layout folders
+    exist, this raises CheckpointError instead (silently restarting at step 0 would train over a
+    run that has progress).
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"checkpoint.dir: {root} is a file, expected a folder")
+    if not root.is_dir():
+        return None
+    tracked = read_tracker(root)
+    found = latest_valid(root)
+    if found is not None:
+        return found
+    if tracked is not None:
+        raise CheckpointError(
+            f"{root / TRACKER} names iteration {tracked} but {iter_dir(root, tracked).name} and every "
+            f"other checkpoint under {root} is missing or damaged; refusing to start from step 0 "
+            f"(restore it, name a checkpoint with checkpoint.resume=PATH, or start fresh with "
+            f"checkpoint.resume=none)")
+    old = sorted(p.name for p in root.iterdir() if _OLD_STEP_DIR.match(p.name))
+    if old:
+        n = int(_OLD_STEP_DIR.match(old[-1]).group(1))
+        raise CheckpointError(
+            f"checkpoint.dir {root} holds checkpoints in the old step_NNNNNNNN layout ({old[-1]}); "
+            f"rename each to iter_NNNNNNN and write the newest number to {TRACKER}, e.g. "
+            f"`mv {root}/{old[-1]} {iter_dir(root, n)} && echo {n} > {root}/{TRACKER}`, or resume "
+            f"from it directly with checkpoint.resume={root / old[-1]}")
+    return None
+
+
+def recover(root: str | Path) -> list[str]:
+    """Start-up clean-up of ``root`` (rank 0, before any save): put back a published copy that a
+    re-save moved aside and was killed before finishing, and delete stale ``.tmp_*`` folders.
+    Returns what was done, one line each, for the log."""
+    root = Path(root)
+    done = []
+    if not root.is_dir():
+        return done
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".old_iter_"):
+            final = root / p.name[len(".old_"):]
+            if final.is_dir() and (final / MANIFEST).is_file():
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed {p.name} (its replacement {final.name} is published)")
+            else:
+                if final.exists():
+                    shutil.rmtree(final, ignore_errors=True)
+                os.replace(p, final)
+                done.append(f"restored {final.name} from {p.name} (a re-save was interrupted)")
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".tmp_") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed the interrupted save {p.name}")
+    return done
+
+
+def check_layout(folder: str | Path, tp: int, pp: int, model_shape: dict | None = None) -> dict:
+    """Verify ``folder`` and check that this run can load it: the same TP/PP (the optimizer
+    format is reshardable across DP only) and the same model shape. One-line CheckpointError
+    otherwise; returns the manifest. Cheap (reads the manifest and file sizes), so it runs before
+    any model is built."""
+    folder = Path(folder)
+    manifest = verify(folder)
+    saved = manifest.get("layout")
+    if saved and (saved.get("tp"), saved.get("pp")) != (tp, pp):
+        raise CheckpointError(
+            f"checkpoint {folder} was saved with TP={saved.get('tp')}, PP={saved.get('pp')}; this run "
+            f"has TP={tp}, PP={pp}. Resume with parallel.tensor_model_parallel_size={saved.get('tp')} "
+            f"parallel.pipeline_model_parallel_size={saved.get('pp')}, or move the weights to the new "
+            f"layout: `longact-convert mcore-to-hf {folder} HF_DIR --config RUN.yaml`, then "
+            f"`longact-convert hf-to-mcore HF_DIR MCORE_DIR` and start with "
+            f"checkpoint.load_weights=MCORE_DIR (the optimizer state does not move)")
+    shape = manifest.get("model")
+    if shape and model_shape:
+        diff = sorted(k for k in shape if k in model_shape and shape[k] != model_shape[k])
+        if diff:
+            k = diff[0]
+            raise CheckpointError(
+                f"checkpoint {folder} holds another model: model.{k} is {shape[k]!r} there and "
+                f"{model_shape[k]!r} in this run's config")
+    return manifest
+
+
+# Model-config fields that decide the tensors' shapes; saved in the manifest for check_layout.
+SHAPE_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "head_dim", "vocab_size", "make_vocab_size_divisible_by",
+                "qk_layernorm", "add_qkv_bias", "tie_word_embeddings")
+
+
+def model_shape(model_cfg) -> dict:
+    return {k: getattr(model_cfg, k) for k in SHAPE_FIELDS if hasattr(model_cfg, k)}
 
 
 def _rank() -> int:
@@ -176,19 +335,112 @@ def _megatron_rng_states():
     return tensor_parallel.get_cuda_rng_tracker().get_states()
 
 
+def _local_state_is_finite(model_chunks, optimizer) -> torch.Tensor:
+    """1.0 when every local parameter and optimizer-state tensor is finite, else 0.0.
+
+    One fused reduction per tensor into a device scalar and a single host sync at the end."""
+    from megatron_longact.compat import inner_optimizers
+
+    tensors = [p for chunk in model_chunks for p in chunk.parameters()]
+    if optimizer is not None:
+        for inner in inner_optimizers(optimizer):
+            base = getattr(inner, "optimizer", inner)
+            for group in base.param_groups:
+                tensors.extend(group["params"])
+            for state in base.state.values():
+                tensors.extend(v for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+    bad = None
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        x = (~torch.isfinite(t.detach())).any()
+        bad = x if bad is None else bad | x
+    return torch.tensor([0.0 if bad is not None and bool(bad) else 1.0])
+
+
+def _all_finite(model_chunks, optimizer) -> bool:
+    ok = _local_state_is_finite(model_chunks, optimizer)
+    collectives.all_reduce(ok, op="min")
+    return bool(ok.item() == 1.0)
+
+
+def _layout_info() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"layout": {"tp": ps.get_tensor_model_parallel_world_size(),
+                       "pp": ps.get_pipeline_model_parallel_world_size(),
+                       "dp": ps.get_data_parallel_world_size()}}
+
+
+def _publish(root: Path, step: int, tmp: Path, final: Path, checksum: bool, keep: int,
+             info: dict) -> None:
+    """Rank 0: manifest, atomic rename, tracker. A re-save never deletes the published copy
+    before the new one is in place: the old copy is moved aside first (one rename), so a kill
+    between the two renames leaves it complete under .old_iter_N, where :func:`recover` finds it."""
+    _write_manifest(tmp, step, checksum, info)
+    aside = root / f".old_{final.name}"
+    if final.exists():
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+        _test_pause(step, "swap")
+    os.replace(tmp, final)
+    pointer = root / (TRACKER + ".tmp")
+    pointer.write_text(f"{step}\n")
+    os.replace(pointer, root / TRACKER)
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+    if keep > 0:
+        for old in list_complete(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class PendingSave:
+    """An asynchronous save in flight: the files are being written by a background process;
+    :meth:`finalize` (every rank) waits for it on every rank, then publishes."""
+
+    def __init__(self, queue, final: Path):
+        self.queue = queue
+        self.final = final
+        self.done = False
+
+    def finalize(self, blocking: bool = True) -> bool:
+        """True once published. Non-blocking calls return False while any rank still writes."""
+        if self.done:
+            return True
+        # megatron runs the request's finalize functions (its metadata, then our publish) only
+        # after the write finished on every rank.
+        self.queue.maybe_finalize_async_calls(blocking=blocking)
+        if self.queue.get_num_unfinalized_calls() == 0:
+            self.queue.close()
+            self.done = True
+        return self.done
+
+
 def save(root: str | Path, step: int, model_chunks, optimizer, objects: dict, *, keep: int = 0,
-         checksum: bool = False, extra_models: dict | None = None) -> Path:
+         checksum: bool = False, extra_models: dict | None = None, model_cfg=None,
+         async_save: bool = False):
     """Save a checkpoint of ``step`` and publish it atomically; every rank must call it.
 
     ``objects``: picklable global state (scheduler, LongAct state, data position, ...), identical
     on every rank. ``keep`` > 0 deletes all but the newest ``keep`` complete checkpoints after
-    publishing. Returns the published folder.
+    publishing. ``model_cfg`` (optional) records the model shape for :func:`check_layout`.
+    Raises NonFiniteCheckpointError (on every rank, nothing written) when the weights or the
+    optimizer state hold NaN/inf. Returns the published folder, or with ``async_save`` a
+    :class:`PendingSave` whose ``finalize()`` publishes it once the background write completed.
     """
     from megatron.core import dist_checkpointing
 
     root = Path(root)
-    final = step_dir(root, step)
+    final = iter_dir(root, step)
     tmp = root / f".tmp_{final.name}"
+    if not _all_finite(model_chunks, optimizer):
+        raise NonFiniteCheckpointError(
+            f"not saving step {step}: the weights or optimizer state hold NaN or inf; the last "
+            f"published checkpoint under {root} stays the newest")
+    info = _layout_info()
+    if model_cfg is not None:
+        info["model"] = model_shape(model_cfg)
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -197,21 +449,25 @@ def save(root: str | Path, step: int, model_chunks, optimizer, objects: dict, *,
     _barrier()
     sd = _sharded_state_dict(model_chunks, optimizer, objects, is_loading=False,
                              extra_models=extra_models, object_prefix=OBJECT_PREFIX)
-    dist_checkpointing.save(sd, str(tmp))
-    _barrier()
-    if _rank() == 0:
-        _write_manifest(tmp, step, checksum)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
-        if keep > 0:
-            for old in list_complete(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+
+    def publish():
+        _test_pause(step, "write")
+        _barrier()
+        if _rank() == 0:
+            _publish(root, step, tmp, final, checksum, keep, info)
+        _barrier()
+
+    if not async_save:
+        dist_checkpointing.save(sd, str(tmp))
+        publish()
+        return final
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=True)
+    request.add_finalize_fn(publish)
+    queue = AsyncCallsQueue(persistent=False)
+    queue.schedule_async_request(request)
+    return PendingSave(queue, final)
 
 
 def load(folder: str | Path, model_chunks, optimizer, object_keys: list[str], *,
@@ -232,10 +488,14 @@ def load(folder: str | Path, model_chunks, optimizer, object_keys: list[str], *,
     prefix = LEGACY_OBJECT_PREFIX if has_legacy_object_keys(folder) else OBJECT_PREFIX
     sd = _sharded_state_dict(model_chunks, optimizer, {k: None for k in object_keys}, is_loading=True,
                              with_rng=load_rng, extra_models=extra_models, object_prefix=prefix)
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         loaded = dist_checkpointing.load(sd, str(folder))
-    except Exception as exc:  # noqa: BLE001 - re-raised with the checkpoint named
-        raise CheckpointError(f"checkpoint {folder} could not be loaded: {type(exc).__name__}: {exc}") from exc
+    # CheckpointException derives from BaseException, so `except Exception` alone misses it.
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - re-raised with the checkpoint named
+        raise CheckpointError(f"checkpoint {folder} could not be loaded: {type(exc).__name__}: "
+                              f"{_one_line(exc)}") from exc
     unwrap(model_chunks[0]).load_state_dict(loaded["model"])
     for name, module in (extra_models or {}).items():
         prefix = f"{name}."
@@ -257,3 +517,8 @@ def load(folder: str | Path, model_chunks, optimizer, object_keys: list[str], *,
 
         tensor_parallel.get_cuda_rng_tracker().set_states(rng["megatron"])
     return {k: loaded[k] for k in object_keys}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -8,6 +8,7 @@ errors that name the dotted field), YAML loading, and command-line overrides.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -29,12 +30,16 @@ def check_choice(field: str, value, allowed) -> None:
 def check_positive(field: str, value, allow_zero: bool = False) -> None:
     if value is None:
         return
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{field}: got nan, expected a number")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{field}: got {value!r}, expected a number {bound}")
 
 
 def check_range(field: str, value, low, high, *, low_open=False, high_open=False) -> None:
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{field}: got nan, expected a number")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:
@@ -98,15 +103,22 @@ def _convert(value: Any, tp, path: str):
             return value
         raise ConfigError(f"{path}: got {type(value).__name__} {value!r}, expected an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
         # YAML 1.1 reads "1e-4" as a string; accept numeric strings for floats only.
-        if isinstance(value, str):
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{path}: got {type(value).__name__} {value!r}, expected a number")
+        if number is None:
+            raise ConfigError(f"{path}: got {type(value).__name__} {value!r}, expected a number")
+        # No config number means NaN or infinity, and range checks let NaN through (every
+        # comparison with NaN is false): refuse them here, for every float field at once.
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: got {value!r}, expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -210,7 +222,12 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, raw = pair.split("=", 1)
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {pair!r}: the key {key!r} is not a dotted name")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise ConfigError(f"override {pair!r}: the value of {key} is not valid YAML ({problem}); "
+                              f"quote it or fix the brackets") from None
         node = out
         parts = key.split(".")
         for part in parts[:-1]:

@@ -129,7 +129,7 @@ def _damaged(runtime, root):
                  key=lambda p: p.stat().st_size)
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
-    (Path(root) / ".tmp_step_00000003").mkdir()  # an interrupted save
+    (Path(root) / ".tmp_iter_0000003").mkdir()  # an interrupted save
     out = {}
     try:
         checkpoint.load(newest, engine.model, engine.optimizer, ["step"])
@@ -139,7 +139,7 @@ def _damaged(runtime, root):
     out["fallback"] = good.name
     out["step"] = checkpoint.load(good, engine.model, engine.optimizer, ["step"])["step"]
     try:
-        checkpoint.verify(Path(root) / ".tmp_step_00000003")
+        checkpoint.verify(Path(root) / ".tmp_iter_0000003")
     except checkpoint.CheckpointError as exc:
         out["tmp_error"] = str(exc)
     return out
@@ -147,6 +147,6 @@ def _damaged(runtime, root):
 
 def test_damaged_checkpoint_is_reported_and_the_previous_one_loads(tmp_path):
     out = run_distributed(_damaged, args=(str(tmp_path),))[0]
-    assert "step_00000002 is corrupt" in out["error"] and "truncated" in out["error"]
-    assert out["fallback"] == "step_00000001" and out["step"] == 1
+    assert "iter_0000002 is corrupt" in out["error"] and "truncated" in out["error"]
+    assert out["fallback"] == "iter_0000001" and out["step"] == 1
     assert "is incomplete" in out["tmp_error"]

@@ -59,7 +59,9 @@ def test_trainer_runs_sft_then_rl(tmp_path, layout):
         assert [h.get("rl/reward") for h in other] == [h.get("rl/reward") for h in history]
     assert (tmp_path / "out" / "eval" / "results.md").is_file()
     assert any((tmp_path / "out" / "tb").iterdir())
-    assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    ckpts = tmp_path / "out" / "checkpoints"
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert (ckpts / "iter_0000004" / "manifest.json").is_file()
 
 
 def _preempt_and_resume(runtime, tmp):
@@ -78,7 +80,7 @@ def _preempt_and_resume(runtime, tmp):
 
     trainer.rl_step = rl_step_with_signal
     cut_hist = trainer.run()
-    saved = (Path(tmp) / "cut" / "checkpoints" / "latest").read_text().strip()
+    saved = (Path(tmp) / "cut" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip()
     resumed = Trainer(cfg, runtime)
     rest_hist = resumed.run()
     params = {n: p.detach().clone() for n, p in resumed.engine.gpt_models[0].named_parameters()}
@@ -88,7 +90,7 @@ def _preempt_and_resume(runtime, tmp):
 def test_preemption_saves_and_resume_reproduces_the_run(tmp_path):
     full_hist, full_params, cut_hist, saved, rest_hist, params = run_distributed(
         _preempt_and_resume, args=(str(tmp_path),))[0]
-    assert [h["step"] for h in cut_hist] == [0, 1, 2] and saved == "step_00000003"
+    assert [h["step"] for h in cut_hist] == [0, 1, 2] and saved == "3"
     assert [h["step"] for h in rest_hist] == [3]
     assert cut_hist[2]["rl/reward"] == full_hist[2]["rl/reward"]
     assert rest_hist[0]["rl/reward"] == full_hist[3]["rl/reward"]

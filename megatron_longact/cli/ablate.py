@@ -13,7 +13,6 @@ standard deviation over seeds (evaluation scores in percent).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import shutil
@@ -22,12 +21,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megatron_longact.checkpoint import TRACKER, iter_dir
 from megatron_longact.config import ConfigError
+from megatron_longact.errors import ArgumentParser, UsageError, cli_entry
 from megatron_longact.run_config import load_run_config
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="longact-ablate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="longact-ablate", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True,
                    help="run config: a YAML path or a bundled example name such as demo_cpu")
     p.add_argument("--strategies", default="none,topk,random,bottomk")
@@ -43,7 +44,10 @@ def parse_args(argv=None):
 def _run(launcher: str, config: str, overrides: list[str]) -> None:
     cmd = shlex.split(launcher) + ["megatron_longact.cli.train", "--config", config] + overrides
     print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        # The run printed its own error above; say which run it was and stop.
+        raise UsageError(f"the run `{' '.join(shlex.quote(c) for c in cmd)}` failed with exit code {rc}")
 
 
 def _fmt(values: list[float]) -> str:
@@ -54,10 +58,17 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.3f} +- {std:.3f}"
 
 
+@cli_entry("longact-ablate")
 def main(argv=None) -> int:
     args = parse_args(argv)
     strategies = [s for s in args.strategies.split(",") if s]
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds: got {args.seeds!r}, expected integers separated by commas, "
+                         f"e.g. 1,2,3") from None
+    if not seeds:
+        raise UsageError(f"--seeds: got {args.seeds!r}, expected at least one integer")
     try:
         cfg = load_run_config(args.config, args.overrides)
         for s in strategies:
@@ -74,7 +85,7 @@ def main(argv=None) -> int:
     for seed in seeds:
         common = args.overrides + [f"train.seed={seed}", f"data.shuffle_seed={seed}"]
         warm = out / f"sft_seed{seed}"
-        warm_ckpt = warm / "checkpoints" / f"step_{sft_steps:08d}"
+        warm_ckpt = iter_dir(warm / "checkpoints", sft_steps)
         if sft_steps and not warm_ckpt.is_dir():
             _run(args.launcher, args.config, common + [
                 "train.steps=0", "evaluation.lengths=[]", f"output.dir={warm}", "checkpoint.resume=none",
@@ -85,7 +96,7 @@ def main(argv=None) -> int:
                 target = run_dir / "checkpoints" / warm_ckpt.name
                 if not target.exists():
                     shutil.copytree(warm_ckpt, target)
-                    (run_dir / "checkpoints" / "latest").write_text(warm_ckpt.name + "\n")
+                    (run_dir / "checkpoints" / TRACKER).write_text(f"{sft_steps}\n")
             _run(args.launcher, args.config, common + [
                 f"longact.strategy={strategy}", f"output.dir={run_dir}", "checkpoint.resume=auto"])
             data = json.loads((run_dir / "history.json").read_text())

@@ -14,11 +14,11 @@ the tokenizer). Supported: Qwen3 (dense), Qwen2/Qwen2.5 and Llama 3 safetensors 
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 
 from megatron_longact.config import ConfigError, parse_overrides
+from megatron_longact.errors import ArgumentParser, cli_entry
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
@@ -33,7 +33,7 @@ def parse_size(text: str) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="longact-convert", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="longact-convert", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-mcore", help="Hugging Face folder -> megatron distributed checkpoint")
     a.add_argument("src", help="Hugging Face model folder (config.json + safetensors)")
@@ -67,6 +67,7 @@ def _model_overrides(pairs: list[str]) -> dict:
     return raw.get("model", {})
 
 
+@cli_entry("longact-convert")
 def main(argv=None) -> int:
     from pathlib import Path
 

@@ -19,7 +19,6 @@ weights source) is checked before any process group is created or any model is b
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Literal
 from megatron_longact.config import ConfigError, check_choice, check_positive, deep_merge, from_dict, \
     parse_overrides, to_dict
 from megatron_longact.data.tokenizer import PromptConfig, TokenizerConfig
+from megatron_longact.errors import ArgumentParser, cli_entry
 from megatron_longact.run_config import RunConfig, load_run_config, read_run_yaml
 from megatron_longact.runtime import initialize, read_dist_env
 from megatron_longact.tasks.suite import SuiteConfig
@@ -74,7 +74,7 @@ class EvalConfig:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="longact-eval", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="longact-eval", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="run config (YAML path or bundled name); optional with a trainer "
                                      "checkpoint, whose saved run config is used")
     p.add_argument("--checkpoint", help="trainer checkpoint (folder or checkpoint root) or a "
@@ -302,6 +302,7 @@ def run(plan: Plan, runtime) -> dict | None:
     return write_report(results, plan.out_dir, log_dir=ecfg.tb_dir, title=title, extra=extra)
 
 
+@cli_entry("longact-eval")
 def main(argv=None) -> int:
     from megatron_longact.checkpoint import CheckpointError
 

@@ -9,26 +9,26 @@ Exit status: 0 the layout is valid and fits, 1 valid but over the device memory,
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from megatron_longact.config import ConfigError
+from megatron_longact.errors import ArgumentParser, cli_entry, finite_float
 from megatron_longact.plan import PlanOptions, format_plan, make_plan
 from megatron_longact.run_config import load_run_config
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="longact-plan", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="longact-plan", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True,
                    help="run config: a YAML path or a bundled example name such as demo_cpu")
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu-memory-gib", type=float, default=PlanOptions.gpu_memory_gib,
+    p.add_argument("--gpu-memory-gib", type=finite_float, default=PlanOptions.gpu_memory_gib,
                    help="device memory (default 80, H100 SXM)")
-    p.add_argument("--reserve-gib", type=float, default=PlanOptions.reserve_gib,
+    p.add_argument("--reserve-gib", type=finite_float, default=PlanOptions.reserve_gib,
                    help="CUDA context, NCCL buffers, workspaces (default 4)")
-    p.add_argument("--fragmentation", type=float, default=PlanOptions.fragmentation,
+    p.add_argument("--fragmentation", type=finite_float, default=PlanOptions.fragmentation,
                    help="fraction of the device kept free (default 0.10)")
     p.add_argument("--fp8", action="store_true", help="Transformer Engine FP8 linear layers")
     p.add_argument("--reference-model", action="store_true",
@@ -41,6 +41,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@cli_entry("longact-plan")
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:

@@ -7,20 +7,20 @@ before any process group is created or any model is built.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from megatron_longact.config import ConfigError, to_dict
+from megatron_longact.config import to_dict
+from megatron_longact.errors import ArgumentParser, cli_entry, report
 from megatron_longact.run_config import RunConfig, load_run_config
 from megatron_longact.runtime import initialize, read_dist_env
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="longact-train", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="longact-train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True,
                    help="run config: a YAML path or a bundled example name such as demo_cpu")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=5 train.lr=1e-4")
@@ -39,13 +39,27 @@ def prepare(argv=None) -> tuple[RunConfig, object]:
     return cfg, parallel
 
 
+@cli_entry("longact-train")
 def main(argv=None) -> int:
-    try:
-        cfg, parallel = prepare(argv)
-    except ConfigError as exc:
-        print(f"longact-train: config error: {exc}", file=sys.stderr)
-        return 2
+    from megatron_longact.runtime.watchdog import exit_with_launcher
+
+    exit_with_launcher()  # first: a rank must not outlive its launcher even during start-up
+    from megatron_longact.preflight import check_run
+
+    cfg, parallel = prepare(argv)
+    checked = check_run(cfg, parallel)
     runtime = initialize(parallel, seed=cfg.train.seed)
+    try:
+        return _run(cfg, parallel, runtime, checked)
+    finally:
+        from megatron_longact.runtime import destroy
+
+        destroy()
+
+
+def _run(cfg, parallel, runtime, checked) -> int:
+    from megatron_longact.training.resilience import TrainingStopped
+
     rank0 = runtime.rank == 0
     out_dir = Path(cfg.output.dir)
     writer = None
@@ -72,13 +86,14 @@ def main(argv=None) -> int:
         from megatron_longact.training.trainer import Trainer
 
         start = time.monotonic()
-        history = Trainer(cfg, runtime).run()
+        try:
+            history = Trainer(cfg, runtime, tokenizer=checked.tokenizer, records=checked.records).run()
+        except TrainingStopped as exc:
+            report("longact-train", exc)
+            return 3
         if rank0:
             print(f"done: {len(history)} steps in {time.monotonic() - start:.1f}s; logs in {out_dir}",
                   flush=True)
-        from megatron_longact.runtime import destroy
-
-        destroy()
         return 0
 
     from megatron_longact.training.lm import train_lm
@@ -106,9 +121,6 @@ def main(argv=None) -> int:
         writer.close()
         print(f"done: lm_loss {losses[0]:.4f} -> {losses[-1]:.4f} in {time.monotonic() - start:.1f}s; "
               f"logs in {out_dir}", flush=True)
-    from megatron_longact.runtime import destroy
-
-    destroy()
     return 0
 
 

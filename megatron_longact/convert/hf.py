@@ -87,6 +87,18 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+
+
+# config.json keys every supported architecture needs.
+_REQUIRED_HF_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                     "vocab_size", "max_position_embeddings")
+
+
 def model_config_from_hf(hf_config: Mapping, family: str | None = None, **overrides) -> ModelConfig:
     """The :class:`ModelConfig` of a Hugging Face ``config.json`` (as a dict).
 
@@ -97,6 +109,10 @@ def model_config_from_hf(hf_config: Mapping, family: str | None = None, **overri
     biases where megatron has none, sliding-window attention, an unsupported RoPE scaling).
     """
     hf = dict(hf_config)
+    missing = [k for k in _REQUIRED_HF_KEYS if k not in hf]
+    if missing:
+        raise ConfigError(f"config.json: missing {', '.join(missing)}; expected a complete Hugging Face "
+                          f"model config")
     model_type = hf.get("model_type")
     if family is None:
         if model_type not in _MODEL_TYPES:
@@ -388,18 +404,28 @@ class HFCheckpoint:
         config_path = self.path / "config.json"
         if not config_path.is_file():
             raise ConfigError(f"{self.path}: no config.json; expected a Hugging Face model folder")
-        self.config = json.loads(config_path.read_text())
+        self.config = _read_json(config_path)
+        if not isinstance(self.config, dict):
+            raise ConfigError(f"{config_path}: expected a JSON object")
         index = self.path / "model.safetensors.index.json"
         single = self.path / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConfigError(f"{index}: no 'weight_map' object")
         elif single.is_file():
             weight_map = None
         else:
             raise ConfigError(f"{self.path}: neither model.safetensors nor model.safetensors.index.json; "
                               "only safetensors checkpoints are supported")
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        self._handles = {f: safe_open(str(self.path / f), framework="pt") for f in files}
+        self._handles = {}
+        for f in files:
+            try:
+                self._handles[f] = safe_open(str(self.path / f), framework="pt")
+            except Exception as exc:  # noqa: BLE001 - safetensors' errors for a missing or bad file
+                raise ConfigError(f"{self.path / f}: not a readable safetensors file "
+                                  f"({type(exc).__name__}: {exc})") from None
         if weight_map is None:
             weight_map = {k: "model.safetensors" for k in self._handles["model.safetensors"].keys()}
         self.weight_map: dict[str, str] = weight_map

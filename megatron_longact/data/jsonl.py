@@ -127,8 +127,13 @@ def _numbered(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file {path} does not exist")
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RecordError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start} of the line "
+                                  f"is {raw[exc.start]:#04x}); JSONL files must be UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -44,8 +44,13 @@ class TrainConfig:
     Each bucket is sharded over data-parallel ranks separately."""
     log_interval: int = 1
 
+    max_nonfinite_skips: int = 3
+    """Optimizer updates with a NaN/inf loss or gradient are skipped (no parameter, optimizer,
+    LongAct or LR-schedule change); this many in a row stop the run with an error (0: never)."""
+
     def __post_init__(self):
         check_choice("train.mode", self.mode, ("lm", "sft", "rl"))
+        check_positive("train.max_nonfinite_skips", self.max_nonfinite_skips, allow_zero=True)
         # steps may be 0: an RL run with only its SFT warm start (sft.steps).
         check_positive("train.steps", self.steps, allow_zero=True)
         for name in ("seq_length", "micro_batch_size", "global_batch_size", "log_interval"):

@@ -110,13 +110,19 @@ def setup_engine(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel: Paral
 
 
 def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, num_microbatches: int,
-               seq_length: int, micro_batch_size: int) -> dict:
+               seq_length: int, micro_batch_size: int, *, skip_non_finite: bool = True) -> dict:
     """One optimizer step: forward/backward over the micro-batches through megatron's schedule
     (with pipelining when PP > 1), gradient reduction, clipping and the optimizer update.
 
+    With ``skip_non_finite`` a step whose loss or gradients hold NaN/inf on any rank is skipped:
+    no optimizer update (parameters, optimizer state and the LongAct masks, which update inside
+    ``optimizer.step``, stay as they were) and no LR-schedule step; ``"skipped"`` says so.
+
     Returns ``{"losses": [per-micro-batch loss dicts (last stage only)], "grad_norm", "lr",
-    "update_successful"}``.
+    "update_successful", "skipped"}``.
     """
+    from megatron_longact.training.resilience import step_is_finite
+
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in engine.model:
@@ -131,6 +137,9 @@ def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, 
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    if skip_non_finite and not step_is_finite(engine.model, losses):
+        return {"losses": losses, "grad_norm": float("nan"), "lr": engine.optimizer.param_groups[0]["lr"],
+                "update_successful": False, "skipped": True}
     update_successful, grad_norm, _ = engine.optimizer.step()
     engine.scheduler.step(increment=1)
     return {
@@ -138,6 +147,7 @@ def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, 
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "lr": engine.optimizer.param_groups[0]["lr"],
         "update_successful": bool(update_successful),
+        "skipped": False,
     }
 
 

@@ -162,9 +162,18 @@ class CheckpointConfig:
     """Initial weights: a folder written by ``longact-convert hf-to-mcore`` (any TP/PP layout).
     Used when the run starts fresh; a resumed run takes everything from its checkpoint."""
 
+    async_save: bool = False
+    """Write checkpoints in a background process (megatron dist-checkpointing async save); a
+    checkpoint is published (renamed into place, tracker updated) only after the write completed
+    on every rank."""
+
     def __post_init__(self):
         check_positive("checkpoint.interval", self.interval, allow_zero=True)
         check_positive("checkpoint.keep", self.keep)
+        if self.resume.strip().lower() in ("auto", "none") and self.resume not in ("auto", "none"):
+            raise ConfigError(f"checkpoint.resume: got {self.resume!r}; did you mean "
+                              f"{self.resume.strip().lower()!r}? (the values are lower case; anything "
+                              f"else is taken as a checkpoint folder)")
 
 
 @dataclass

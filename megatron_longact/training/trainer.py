@@ -98,7 +98,7 @@ def _pad_batch(seqs: list[list[int]], pad_id: int, max_len: int) -> tuple[torch.
 class Trainer:
     """Runs ``cfg`` on this rank; construct after :func:`megatron_longact.runtime.initialize`."""
 
-    def __init__(self, cfg: RunConfig, runtime):
+    def __init__(self, cfg: RunConfig, runtime, *, tokenizer=None, records: list | None = None):
         from megatron.core import parallel_state as ps
 
         from megatron_longact.data.tokenizer import load_tokenizer
@@ -107,14 +107,15 @@ class Trainer:
 
         self.cfg, self.runtime = cfg, runtime
         self.rank0 = runtime.rank == 0
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        # ``tokenizer`` / ``records``: already loaded and checked by megatron_longact.preflight.
+        self.tokenizer = tokenizer or load_tokenizer(cfg.data.tokenizer)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({self.tokenizer.vocab_size})")
         self.reward = Reward(cfg.rl.reward)
         from megatron_longact.data.prompt_limit import apply_prompt_limit
 
-        records, self.prompt_report = apply_prompt_limit(load_records(cfg, self.tokenizer),
+        records, self.prompt_report = apply_prompt_limit(records or load_records(cfg, self.tokenizer),
                                                          self._full_prompt, cfg.data)
         self.prompts_truncated = 0
         if self.prompt_report is not None and self.rank0:
@@ -128,6 +129,14 @@ class Trainer:
         self.rl_steps = cfg.train.steps if cfg.train.mode == "rl" else 0
         self.total_steps = self.sft_steps + self.rl_steps
         train = cfg.train
+        self.out_dir = Path(cfg.output.dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
+        # Before the model exists: repair an interrupted re-save, find and check the checkpoint.
+        from megatron_longact.training.resilience import SkipGuard, prepare_resume
+
+        self.resume_from = prepare_resume(cfg, self.ckpt_dir, runtime.parallel, self.rank0)
+        self.skips = SkipGuard(train.max_nonfinite_skips)
+        self.pending_save = None
         self.engine = setup_engine(cfg.model, train, runtime.parallel,
                                    initialize_weights=not cfg.checkpoint.load_weights)
         if cfg.checkpoint.load_weights:
@@ -139,8 +148,6 @@ class Trainer:
         self.handle = None
         self.ref_model = None
         self.step = 0
-        self.out_dir = Path(cfg.output.dir)
-        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
         self.writer = None
         self.wandb = None
         self._stop = False
@@ -204,16 +211,31 @@ class Trainer:
     def save(self) -> Path:
         from megatron_longact import checkpoint
 
+        self.finish_save()
+        ck = self.cfg.checkpoint
         folder = checkpoint.save(self.ckpt_dir, self.step, self.engine.model, self.engine.optimizer,
-                                 self._objects(), keep=self.cfg.checkpoint.keep,
-                                 checksum=self.cfg.checkpoint.checksum, extra_models=self._extra_models())
+                                 self._objects(), keep=ck.keep, checksum=ck.checksum,
+                                 extra_models=self._extra_models(), model_cfg=self.cfg.model,
+                                 async_save=ck.async_save)
         if self.rank0:
             from megatron_longact.trained import write_run_config
 
             # Beside the checkpoints, so that eval and export need nothing but the checkpoint.
             write_run_config(self.ckpt_dir, self.cfg)
+        if ck.async_save:
+            self.pending_save, folder = folder, folder.final
+            if self.rank0:
+                _info(f"checkpoint: writing step {self.step} to {folder} in the background")
+        elif self.rank0:
             _info(f"checkpoint: saved step {self.step} to {folder}")
         return folder
+
+    def finish_save(self, blocking: bool = True) -> None:
+        """Publish an asynchronous save once its write completed on every rank."""
+        if self.pending_save is not None and self.pending_save.finalize(blocking=blocking):
+            if self.rank0:
+                _info(f"checkpoint: published {self.pending_save.final}")
+            self.pending_save = None
 
     def _extra_models(self) -> dict:
         return {"reference": self.ref_model} if self.ref_model is not None else {}
@@ -221,10 +243,7 @@ class Trainer:
     def maybe_resume(self) -> None:
         from megatron_longact import checkpoint
 
-        how = self.cfg.checkpoint.resume
-        if how == "none":
-            return
-        folder = checkpoint.latest_valid(self.ckpt_dir) if how == "auto" else Path(how)
+        folder = self.resume_from
         if folder is None:
             return
         # The LongAct handle must exist before loading if the checkpoint is past the SFT phase.
@@ -277,9 +296,20 @@ class Trainer:
                 group["lr"] = cfg.sft.lr * group.get("lr_mult", 1.0)
         out = train_step(self.engine, partial(_sft_forward_step, scale), iter(batches), len(batches),
                          tokens.shape[1], mb)
+        self._after_update(out)
         loss = reduce_last_stage_mean([float(d["sft_loss"]) for d in out["losses"]])
         return {"sft/loss": loss, "train/grad_norm": out["grad_norm"], "train/lr": out["lr"],
-                "perf/tokens": float(total)}
+                "perf/tokens": float(total), "train/skipped_updates": float(out["skipped"])}
+
+    def _after_update(self, out: dict) -> None:
+        from megatron_longact.training.resilience import discard_step_statistics
+
+        if out["skipped"]:
+            discard_step_statistics(self.handle)
+            if self.rank0:
+                _info(f"step {self.step + 1}: non-finite loss or gradient, update skipped "
+                      f"({self.skips.consecutive + 1} in a row)")
+        self.skips.record(out["skipped"], self.step + 1)
 
     # -- RL ----------------------------------------------------------------------------------
     def _rollout(self, records: list[dict], sample_base: int) -> dict:
@@ -441,7 +471,7 @@ class Trainer:
         mb = cfg.train.micro_batch_size
         per_mini = n // rl.mini_batches
         metrics_acc: dict[str, list[float]] = {}
-        grad_norms = []
+        grad_norms, skipped = [], 0
         t1 = time.monotonic()
         for _ in range(rl.ppo_epochs):
             for m in range(rl.mini_batches):
@@ -460,7 +490,10 @@ class Trainer:
                               counts.loss_kwargs(), scale, self.tokenizer.vocab_size, rl.temperature,
                               (rl.kl_coef, rl.kl_estimator) if self.ref_model is not None else None)
                 out = train_step(self.engine, fwd, iter(mbs), len(mbs), S, mb)
-                grad_norms.append(out["grad_norm"])
+                self._after_update(out)
+                skipped += int(out["skipped"])
+                if not out["skipped"]:
+                    grad_norms.append(out["grad_norm"])
                 for d in out["losses"]:
                     for k, v in d.items():
                         metrics_acc.setdefault(k, []).append(float(v))
@@ -488,7 +521,8 @@ class Trainer:
             "rl/reward": float(local[2]) / count, "rl/response_length": float(local[3]) / count,
             "rl/sampling_tries": float(local[6]) / self.dp,
             "rl/entropy": float(local[7]) / max(float(local[8]), 1.0),
-            "train/grad_norm": sum(grad_norms) / len(grad_norms), "train/lr": out["lr"],
+            "train/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+            "train/lr": out["lr"], "train/skipped_updates": float(skipped),
             "perf/rollout_seconds": t_rollout, "perf/update_seconds": t_update,
             "perf/tokens": float(local[5]),
         })
@@ -617,16 +651,19 @@ class Trainer:
                 self._log(metrics, time.monotonic() - t0, bar)
                 self.step += 1
                 interval = self.cfg.checkpoint.interval
+                self.finish_save(blocking=False)
                 if self._stop_requested():
                     if self.rank0:
                         bar.write(f"stop requested by signal: saving at step {self.step} and exiting")
                     self.save()
+                    self.finish_save()
                     return self.history
                 if interval and self.step % interval == 0 and self.step < self.total_steps:
                     self.save()
             bar.close()
             if self.total_steps:
                 self.save()
+            self.finish_save()
             summary = self.evaluate()
             if self.rank0:
                 import json

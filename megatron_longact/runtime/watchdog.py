@@ -1,0 +1,61 @@
+"""Ranks exit when their launcher dies.
+
+Under torchrun (or any launcher that starts the ranks as its children), a launcher killed with
+SIGKILL cannot stop its ranks: they would train on unsupervised and race a restarted job for the
+checkpoint folder. Two mechanisms, both armed only when a launcher is detected (torchrun's
+``TORCHELASTIC_RUN_ID`` / ``LOCAL_RANK``, or ``LONGACT_EXIT_WITH_PARENT=1``), so that a run
+started by hand under ``nohup`` keeps running after its shell exits:
+
+- Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the kernel kills the rank when its parent exits.
+  SIGKILL, not SIGTERM: the launcher is gone, so a save-on-signal would race the restart; the
+  atomic publish keeps the last complete checkpoint intact.
+- everywhere: a daemon thread that polls the parent PID once a second and ends the process when it
+  changes (covers non-Linux systems and a parent that was already gone when prctl ran).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+_PR_SET_PDEATHSIG = 1
+_armed = False
+
+
+def _launched_by_launcher() -> bool:
+    if os.environ.get("LONGACT_EXIT_WITH_PARENT") == "1":
+        return True
+    if os.environ.get("LONGACT_EXIT_WITH_PARENT") == "0":
+        return False
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _watch(parent: int, interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        if os.getppid() != parent:
+            print(f"rank {os.environ.get('RANK', '?')}: launcher (pid {parent}) is gone; exiting",
+                  file=sys.stderr, flush=True)
+            os._exit(1)
+
+
+def exit_with_launcher(interval: float = 1.0) -> bool:
+    """Arm both mechanisms once (no-op without a launcher); True when armed."""
+    global _armed
+    if _armed or not _launched_by_launcher():
+        return _armed
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the polling thread below still covers it
+    threading.Thread(target=_watch, args=(parent, interval), name="launcher-watchdog",
+                     daemon=True).start()
+    _armed = True
+    return True

@@ -50,6 +50,10 @@ def test_trainer_runs_sft_then_rl(tmp_path, layout):
     history, _ = results[0]
     assert [h["step"] for h in history] == [0, 1, 2, 3]
     assert "sft/loss" in history[0] and "rl/reward" in history[2]
+    # The SFT warm start logs the learning rate its updates use (sft.lr, not train.lr), and its
+    # tokens/s counts every token it processes (4 prompts of ~160 tokens), not only the answers.
+    assert history[0]["train/lr"] == pytest.approx(3e-3) and history[1]["train/lr"] == pytest.approx(3e-3)
+    assert history[0]["perf/tokens"] >= 4 * 120
     assert history[2]["longact/kept_fraction_q"] == pytest.approx(19 / 64)
     # The reference is the policy as RL starts: zero KL on the first RL step, then it moves.
     assert history[2]["rl/kl"] == 0.0 and history[3]["rl/kl"] > 0.0

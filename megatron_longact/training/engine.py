@@ -118,7 +118,8 @@ def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, 
     no optimizer update (parameters, optimizer state and the LongAct masks, which update inside
     ``optimizer.step``, stay as they were) and no LR-schedule step; ``"skipped"`` says so.
 
-    Returns ``{"losses": [per-micro-batch loss dicts (last stage only)], "grad_norm", "lr",
+    Returns ``{"losses": [per-micro-batch loss dicts (last stage only)], "grad_norm", "lr" (the
+    learning rate of this update),
     "update_successful", "skipped"}``.
     """
     from megatron_longact.training.resilience import step_is_finite
@@ -137,15 +138,18 @@ def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, 
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    # The learning rate this update uses (the scheduler moves it on after the update; a caller
+    # may have set it for this step, as the SFT warm start does with sft.lr).
+    lr = engine.optimizer.param_groups[0]["lr"]
     if skip_non_finite and not step_is_finite(engine.model, losses):
-        return {"losses": losses, "grad_norm": float("nan"), "lr": engine.optimizer.param_groups[0]["lr"],
+        return {"losses": losses, "grad_norm": float("nan"), "lr": lr,
                 "update_successful": False, "skipped": True}
     update_successful, grad_norm, _ = engine.optimizer.step()
     engine.scheduler.step(increment=1)
     return {
         "losses": losses,
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "lr": engine.optimizer.param_groups[0]["lr"],
+        "lr": lr,
         "update_successful": bool(update_successful),
         "skipped": False,
     }

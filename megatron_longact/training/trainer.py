@@ -277,13 +277,15 @@ class Trainer:
             answer = encode_completion(rec["answer"], self.tokenizer)
             seqs.append(prompt + answer)
             loss_masks.append([0] * (len(prompt) - 1) + [1] * len(answer))
-        tokens, _ = _pad_batch(seqs, self.tokenizer.pad_id, cfg.model.max_position_embeddings)
+        tokens, valid = _pad_batch(seqs, self.tokenizer.pad_id, cfg.model.max_position_embeddings)
         mask = torch.zeros(tokens.shape[0], tokens.shape[1] - 1)
         for i, m in enumerate(loss_masks):
             mask[i, :len(m)] = torch.tensor(m, dtype=torch.float32)
         labels = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), self.tokenizer.pad_id)], 1)
         mask = torch.cat([mask, torch.zeros(tokens.shape[0], 1)], 1)
-        total = collectives.all_reduce_values([float(mask.sum())], _dp_group())[0]
+        # Answer tokens (the loss's normaliser) and every non-padding token the step processes.
+        total, processed = collectives.all_reduce_values([float(mask.sum()), float(valid.sum())],
+                                                         _dp_group())
         mb = cfg.train.micro_batch_size
         n_mb = math.ceil(per_rank / mb)
         scale = n_mb * self.dp / float(total)
@@ -299,7 +301,7 @@ class Trainer:
         self._after_update(out)
         loss = reduce_last_stage_mean([float(d["sft_loss"]) for d in out["losses"]])
         return {"sft/loss": loss, "train/grad_norm": out["grad_norm"], "train/lr": out["lr"],
-                "perf/tokens": float(total), "train/skipped_updates": float(out["skipped"])}
+                "perf/tokens": float(processed), "train/skipped_updates": float(out["skipped"])}
 
     def _after_update(self, out: dict) -> None:
         from megatron_longact.training.resilience import discard_step_statistics

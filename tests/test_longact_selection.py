@@ -6,8 +6,8 @@ import torch
 
 from megatron_longact.config import ConfigError
 from megatron_longact.longact import LongActConfig, QKGeometry, keep_count, select_channels
-from megatron_longact.longact.metrics import jaccard_L, saliency_heatmap, step_metrics
-from megatron_longact.longact.state import MaskState
+from megatron_longact.longact.metrics import saliency_heatmap, step_metrics
+from megatron_longact.longact.state import MaskState, jaccard_L
 from megatron_longact.longact.stats import GlobalStats, StatsCollector
 from tests.longact_fakes import fake_model, run_layers
 
@@ -228,3 +228,52 @@ def test_row_mapping_matches_the_fused_qkv_layout():
     # fewer key groups than TP ranks: ranks 0,1 share group 0, rank 0 reports it
     heads, groups, owner = QKGeometry(1, 4, 1, 3).local_heads(1, 2)
     assert heads.tolist() == [2, 3] and groups.tolist() == [0] and owner.tolist() == [False]
+
+
+@pytest.mark.parametrize("channels", [16, 13, 8192])
+def test_masks_are_packed_eight_channels_a_byte(channels):
+    from megatron_longact.longact.state import pack_mask, unpack_mask
+
+    gen = torch.Generator().manual_seed(channels)
+    mask = torch.rand(3, channels, generator=gen) < 0.3
+    bits = pack_mask(mask)
+    assert bits.dtype == torch.uint8 and bits.shape == (3, -(-channels // 8))
+    assert torch.equal(unpack_mask(bits, channels), mask)
+
+
+def test_mask_state_keeps_churn_not_the_previous_mask_and_loads_the_bool_layout():
+    gen = torch.Generator().manual_seed(0)
+    stats = [GlobalStats(torch.rand(2, 16, generator=gen), torch.rand(2, 8, generator=gen), torch.ones(2))
+             for _ in range(3)]
+    st = MaskState(LongActConfig(), GEO)
+    masks = []
+    for t, s in enumerate(stats):
+        st.update(s, t)
+        masks.append((st.q_keep_LC.clone(), st.k_keep_LC.clone()))
+    assert torch.equal(st.churn_q_L, jaccard_L(masks[2][0], masks[1][0]))
+    assert torch.equal(st.churn_k_L, jaccard_L(masks[2][1], masks[1][1]))
+    assert set(st.state_dict()) == {"format", "ema_q_LC", "ema_k_LC", "q_bits_LB", "k_bits_LB",
+                                    "churn_q_L", "churn_k_L", "steps_seen", "last_mask_step"}
+    # A checkpoint of the earlier layout (bool masks and the previous masks) loads to the same state.
+    old = {"ema_q_LC": stats[2].q_LC, "ema_k_LC": stats[2].k_LC, "q_keep_LC": masks[2][0],
+           "k_keep_LC": masks[2][1], "prev_q_keep_LC": masks[1][0], "prev_k_keep_LC": masks[1][1],
+           "steps_seen": 3, "last_mask_step": 2}
+    again = MaskState(LongActConfig(), GEO)
+    again.load_state_dict(old)
+    assert torch.equal(again.q_keep_LC, masks[2][0]) and torch.equal(again.k_keep_LC, masks[2][1])
+    assert torch.equal(again.churn_q_L, st.churn_q_L) and again.last_mask_step == 2
+    assert step_metrics(again, stats[2]) == step_metrics(st, stats[2])
+    again.load_state_dict(st.state_dict())
+    assert torch.equal(again.q_keep_LC, masks[2][0])
+
+
+def test_llama70b_mask_state_is_small():
+    """What every rank keeps between steps at the Llama-3-70B shape (80 layers, 64 heads, 8 KV
+    groups, head dim 128) with the default ema=0: two packed masks and the churn vectors."""
+    geo = QKGeometry(num_layers=80, num_heads=64, num_groups=8, head_dim=128)
+    st = MaskState(LongActConfig(), geo)
+    for t in range(2):
+        st.update(GlobalStats(torch.rand(80, geo.q_channels), torch.rand(80, geo.k_channels),
+                              torch.ones(80)), t)
+    held = sum(v.numel() * v.element_size() for v in st.state_dict().values() if torch.is_tensor(v))
+    assert held == 80 * (8192 + 1024) // 8 + 2 * 80 * 8

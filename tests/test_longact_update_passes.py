@@ -25,8 +25,9 @@ def test_no_grad_forward_is_never_counted():
     assert col._count.tolist() == [3.0, 3.0]
 
 
-def test_layer_without_tokens_keeps_its_previous_mask():
-    st = MaskState(LongActConfig(), GEO)
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_layer_without_tokens_keeps_its_previous_mask(ema):
+    st = MaskState(LongActConfig(ema=ema), GEO)
     first = GlobalStats(torch.arange(32.0).reshape(2, 16), torch.arange(16.0).reshape(2, 8), torch.ones(2))
     st.update(first, 0)
     q0, k0 = st.q_keep_LC.clone(), st.k_keep_LC.clone()
@@ -37,7 +38,10 @@ def test_layer_without_tokens_keeps_its_previous_mask():
     assert st.update(second, 1)
     assert torch.equal(st.q_keep_LC[1], q0[1]) and torch.equal(st.k_keep_LC[1], k0[1])
     assert not torch.equal(st.q_keep_LC[0], q0[0])
-    assert torch.equal(st.ema_q_LC[1], first.q_LC[1])  # the EMA of the empty layer is kept too
+    if ema:
+        assert torch.equal(st.ema_q_LC[1], first.q_LC[1])  # the EMA of the empty layer is kept too
+    else:
+        assert st.ema_q_LC is None  # with ema=0 no statistics are kept between steps
 
 
 def test_layer_without_tokens_and_no_previous_mask_raises():
@@ -80,7 +84,7 @@ def _rl_token_counts(runtime, tmp, tokens):
 
     trainer._collect = collect
     trainer.run()
-    return seen, trainer.handle.longact.last_stats.tokens_L.tolist()
+    return seen, trainer.handle.longact.last_tokens_L.tolist()
 
 
 @pytest.mark.parametrize("tokens", ["response", "all"])

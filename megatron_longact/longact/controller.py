@@ -10,7 +10,7 @@ import torch
 
 from megatron_longact.longact.config import LongActConfig
 from megatron_longact.longact.layout import QKGeometry
-from megatron_longact.longact.metrics import saliency_heatmap, step_metrics
+from megatron_longact.longact.metrics import saliency_heatmap, stat_extremes, step_metrics
 from megatron_longact.longact.state import MaskState
 from megatron_longact.longact.stats import GlobalStats, StatsCollector
 from megatron_longact.models.builder import unwrap
@@ -61,7 +61,12 @@ class LongAct:
         self.geometry = QKGeometry.from_transformer_config(tconfig)
         self.gpt_models = [unwrap(m) for m in model_chunks]
         self.state = MaskState(cfg, self.geometry)
+        self.retain_stats = True
+        """Keep the last step's full [L, C] statistics (for :meth:`heatmap` and figures). The
+        trainer turns it on only for steps that draw a heatmap: at 70B they are ~3 MB a rank."""
         self.last_stats: GlobalStats | None = None
+        self._last_extremes: dict | None = None
+        self.last_tokens_L: torch.Tensor | None = None
         self.collector = None
         if cfg.enabled:
             self.collector = StatsCollector(self.gpt_models, self.geometry, stat=cfg.stat,
@@ -95,14 +100,16 @@ class LongAct:
             return False
         g = self.groups
         stats = self.collector.reduce(dp_cp_group=g.dp_cp, tp_group=g.tp, pp_group=g.pp)
-        self.last_stats = stats
+        self._last_extremes = stat_extremes(stats)
+        self.last_tokens_L = stats.tokens_L  # [L] tokens each layer counted this step
+        self.last_stats = stats if self.retain_stats else None
         return self.state.update(stats, step)
 
     def metrics(self) -> dict[str, float]:
-        """The last step's metrics (spec section 5); computed on demand, no communication."""
-        if self.last_stats is None:
+        """The last step's metrics (docs/method.md, "What is logged"); no communication."""
+        if self._last_extremes is None:
             return {}
-        return step_metrics(self.state, self.last_stats)
+        return step_metrics(self.state, self._last_extremes)
 
     def heatmap(self):
         """RGB [H, W, 3] uint8 saliency heatmap of the last step's statistics (or None)."""

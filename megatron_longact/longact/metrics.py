@@ -9,15 +9,16 @@ from megatron_longact.longact.state import MaskState
 from megatron_longact.longact.stats import GlobalStats
 
 
-def jaccard_L(a_LC: torch.Tensor, b_LC: torch.Tensor) -> torch.Tensor:
-    """[L] Jaccard similarity of two boolean masks, per layer (1.0 where both are empty)."""
-    inter = (a_LC & b_LC).sum(dim=1).double()
-    union = (a_LC | b_LC).sum(dim=1).double()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+def stat_extremes(stats: GlobalStats) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the largest and the median statistic of Q and of K: ``{"q": (top_L, median_L),
+    "k": ...}``, on the statistics' device (no host sync). What the metrics keep of a step."""
+    return {which: (t.max(dim=1).values, t.median(dim=1).values)
+            for which, t in (("q", stats.q_LC), ("k", stats.k_LC))}
 
 
-def step_metrics(state: MaskState, stats: GlobalStats) -> dict[str, float]:
-    """Scalars a logger can consume, tagged ``longact/...``.
+def step_metrics(state: MaskState, stats) -> dict[str, float]:
+    """Scalars a logger can consume, tagged ``longact/...``; ``stats`` is the step's
+    :class:`GlobalStats` or its :func:`stat_extremes`.
 
     kept_fraction_{q,k}: fraction of channels updated (sanity: keep_ratio once masking starts);
     churn_{q,k}/layer_i and their means: Jaccard similarity with the previous mask (1 = unchanged);
@@ -27,23 +28,20 @@ def step_metrics(state: MaskState, stats: GlobalStats) -> dict[str, float]:
     if state.active:
         out["longact/kept_fraction_q"] = float(state.q_keep_LC.float().mean())
         out["longact/kept_fraction_k"] = float(state.k_keep_LC.float().mean())
-        for which, cur, prev in (("q", state.q_keep_LC, state.prev_q_keep_LC),
-                                 ("k", state.k_keep_LC, state.prev_k_keep_LC)):
-            if prev is None:
+        for which, jac in (("q", state.churn_q_L), ("k", state.churn_k_L)):
+            if jac is None:  # no earlier mask to compare with
                 continue
-            jac = jaccard_L(cur, prev)
             out[f"longact/churn_{which}_mean"] = float(jac.mean())
             for i, v in enumerate(jac.tolist()):
                 out[f"longact/churn_{which}/layer_{i}"] = v
     else:
         out["longact/kept_fraction_q"] = 1.0
         out["longact/kept_fraction_k"] = 1.0
-    for which, t in (("q", stats.q_LC), ("k", stats.k_LC)):
-        top = t.max(dim=1).values
-        med = t.median(dim=1).values
-        for i in range(t.shape[0]):
-            out[f"longact/stat_top_{which}/layer_{i}"] = float(top[i])
-            out[f"longact/stat_median_{which}/layer_{i}"] = float(med[i])
+    extremes = stats if isinstance(stats, dict) else stat_extremes(stats)
+    for which, (top, med) in extremes.items():
+        for i, (t, m) in enumerate(zip(top.tolist(), med.tolist())):
+            out[f"longact/stat_top_{which}/layer_{i}"] = t
+            out[f"longact/stat_median_{which}/layer_{i}"] = m
     return out
 
 

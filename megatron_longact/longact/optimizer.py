@@ -406,10 +406,8 @@ class LongActHandle:
         """Bytes LongAct keeps between steps on this rank (statistics accumulators, EMA and masks);
         no per-element mask of weight size is kept."""
         total = 0
-        st = self.longact.state
-        for t in (st.ema_q_LC, st.ema_k_LC, st.q_keep_LC, st.k_keep_LC, st.prev_q_keep_LC,
-                  st.prev_k_keep_LC):
-            if t is not None:
+        for t in self.longact.state.state_dict().values():
+            if torch.is_tensor(t):
                 total += t.numel() * t.element_size()
         col = self.longact.collector
         if col is not None:

@@ -647,6 +647,9 @@ class Trainer:
                     metrics = self.sft_step()
                 else:
                     self._start_rl()
+                    if self.handle is not None:  # full statistics only for the heatmap's steps
+                        every = self.cfg.longact.heatmap_interval
+                        self.handle.longact.retain_stats = bool(every) and self.step % every == 0
                     metrics = self.rl_step()
                     if self.handle is not None:
                         metrics.update(self.handle.metrics)

@@ -529,7 +529,7 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
 def sequence_log_probs(model, tokens_BS: torch.Tensor, *, vocab_size: int, temperature: float = 1.0,
                        lengths: torch.Tensor | None = None, micro_batch_size: int | None = None,
                        with_grad: bool = False,
-                       groups: ModelParallelGroups | None = None) -> torch.Tensor:
+                       groups: ModelParallelGroups | None = None, cp_group=None) -> torch.Tensor:
     """Per-token log-probs of given sequences: ``out[i, t] = log p(tokens[i, t+1] | tokens[i, :t+1])``,
     [B, S-1] fp32, from temperature-scaled logits over the first ``vocab_size`` ids.
 
@@ -545,6 +545,11 @@ def sequence_log_probs(model, tokens_BS: torch.Tensor, *, vocab_size: int, tempe
     pipeline parallelism (with PP, gradients flow through megatron's schedule: call
     :func:`vocab_parallel_log_probs` in the forward step's loss function instead). The model's
     train/eval mode is left as the caller set it.
+
+    ``cp_group`` (context parallelism, ``with_grad=False`` only): every CP rank passes the same full
+    rows, padded to a multiple of 2 x CP (:func:`megatron_longact.training.batching.padded_length`);
+    each runs its load-balanced part (targets shifted before the split, so each position has its
+    target) and the parts are gathered back over the group.
     """
     model = _single_chunk(model)
     groups = groups or ModelParallelGroups.from_parallel_state()
@@ -554,9 +559,13 @@ def sequence_log_probs(model, tokens_BS: torch.Tensor, *, vocab_size: int, tempe
     from megatron_longact.models.builder import unwrap
 
     gpt = unwrap(model)
-    if gpt.config.sequence_parallel and seq % groups.tp_size:
-        raise ValueError(f"tokens: sequence length {seq} must be a multiple of the tensor-parallel size "
-                         f"{groups.tp_size} under sequence parallelism; pad the batch")
+    cp = collectives.size(cp_group) if cp_group is not None else 1
+    if cp > 1 and (with_grad or seq % (2 * cp)):
+        raise ValueError(f"tokens: under context parallelism ({cp} ranks) sequence_log_probs needs "
+                         f"with_grad=False and a length that is a multiple of {2 * cp}, got {seq}")
+    if gpt.config.sequence_parallel and (seq // cp) % groups.tp_size:
+        raise ValueError(f"tokens: sequence length {seq} / CP {cp} must be a multiple of the "
+                         f"tensor-parallel size {groups.tp_size} under sequence parallelism; pad the batch")
     device = next(gpt.parameters()).device
     tokens_BS = tokens_BS.to(device)
     targets_BS = tokens_BS[:, 1:].clamp(max=vocab_size - 1)
@@ -572,29 +581,37 @@ def sequence_log_probs(model, tokens_BS: torch.Tensor, *, vocab_size: int, tempe
     else:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megatron_longact.training.batching import cp_positions, gather_from_cp, shift_left
+
         mbs = micro_batch_size or batch
         check_positive("micro_batch_size", mbs)
         n_mb = -(-batch // mbs)
         padded = torch.cat([tokens_BS, tokens_BS[:1].expand(n_mb * mbs - batch, seq)]) \
             if n_mb * mbs != batch else tokens_BS
+        # Targets at the full width (the last column's is a placeholder), then this CP rank's part.
+        cp_rank = collectives.rank(cp_group) if cp > 1 else 0
+        pos_L = cp_positions(seq, cp, cp_rank, device=device)
+        inputs = torch.stack([padded, shift_left(padded, 0).clamp(max=vocab_size - 1)], dim=1)[:, :, pos_L]
 
         def forward_step(data_iterator, chunk):
-            tokens = next(data_iterator)
+            pair = next(data_iterator)
+            tokens, targets = pair[:, 0], pair[:, 1]
 
-            def to_log_probs(output_BSVl, non_loss_data=False):  # called on the last stage only
-                return vocab_parallel_log_probs(output_BSVl[:, :-1, :], tokens[:, 1:].clamp(max=vocab_size - 1),
-                                                vocab_size=vocab_size, temperature=temperature)
+            def to_log_probs(output_BLVl, non_loss_data=False):  # called on the last stage only
+                return vocab_parallel_log_probs(output_BLVl, targets, vocab_size=vocab_size,
+                                                temperature=temperature)
 
-            return chunk(tokens, _position_ids(tokens), None), to_log_probs
+            return chunk(tokens, pos_L.unsqueeze(0).expand_as(tokens), None), to_log_probs
 
         with torch.no_grad():
             store = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(padded.split(mbs)), model=[model],
+                forward_step_func=forward_step, data_iterator=iter(inputs.split(mbs)), model=[model],
                 num_microbatches=n_mb, seq_length=seq, micro_batch_size=mbs, forward_only=True,
                 collect_non_loss_data=True,
             )
             values = torch.cat(store)[:batch] if groups.is_last_stage else None
-            out = _share_from_last_stage(values, (batch, seq - 1), groups, device).float()
+            local = _share_from_last_stage(values, (batch, seq // cp), groups, device).float()
+            out = gather_from_cp(local, cp_group if cp > 1 else None)[:, :seq - 1]
     if lengths is not None:
         keep = torch.arange(1, seq, device=out.device).unsqueeze(0) < lengths.to(out.device).unsqueeze(1)
         out = torch.where(keep, out, torch.zeros_like(out))

@@ -69,13 +69,19 @@ class SequenceLayout:
                    fp8=model_cfg is not None and getattr(model_cfg, "fp8", "none") != "none")
 
     @property
-    def multiple(self) -> int:
-        """Every padded length is a multiple of this (module docstring)."""
+    def required(self) -> int:
+        """What the kernels need: every sequence length must be a multiple of this (the rules of
+        the module docstring without ``BASE``)."""
         tp_split = self.tp if self.sequence_parallel else 1
-        m = math.lcm(BASE, 2 * self.cp, self.cp * tp_split)
+        m = math.lcm(2 * self.cp if self.cp > 1 else 1, self.cp * tp_split)
         if self.fp8:
             m = math.lcm(m, 16 * self.cp * tp_split)
         return m
+
+    @property
+    def multiple(self) -> int:
+        """Every padded length is a multiple of this: :attr:`required` and ``BASE``."""
+        return math.lcm(BASE, self.required)
 
     def describe(self) -> str:
         parts = [f"TP={self.tp}" + (" with sequence parallelism" if self.sequence_parallel else ""),
@@ -94,12 +100,12 @@ def padded_length(length: int, layout: SequenceLayout) -> int:
 
 
 def check_length(length: int, layout: SequenceLayout, field: str) -> None:
-    """ConfigError naming ``field`` unless ``length`` is already a valid padded length (for
-    fixed-length batches such as ``train.seq_length`` in LM mode)."""
-    m = layout.multiple
+    """ConfigError naming ``field`` unless ``length`` meets :attr:`SequenceLayout.required` (for
+    fixed-length batches such as ``train.seq_length`` in LM mode and in the planner)."""
+    m = layout.required
     if length % m:
         raise ConfigError(f"{field}: {length} is not a multiple of {m}, which {layout.describe()} "
-                          f"needs (the next valid length is {padded_length(length, layout)})")
+                          f"needs (the next valid length is {-(-length // m) * m})")
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, max_len: int,

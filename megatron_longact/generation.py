@@ -18,6 +18,17 @@ its own prompt token; a row past its prompt samples. Each row's tokens therefore
 would shift every position and cannot be used with it. Cost: the prompt part beyond the shortest
 prompt is fed one column per step, so batch prompts of similar length together.
 
+Memory: rows run in sub-batches whose memory fits ``memory_budget`` (default on CUDA: 85% of the
+free device memory when generation starts; unbounded on the CPU). Each row costs its static KV
+cache (K and V of every layer of the stage, for the whole buffer width) plus the transient
+activations of its prefill forward and its fp32 last-token logits; :func:`generation_bytes_per_row`
+states the formula, and ``longact-plan`` uses the same one. Sub-batches run one after the other and
+each allocates its own cache, so peak memory is one sub-batch's. Prefill is not chunked: megatron's
+static KV cache turns causal masking off for every forward after the first one
+(``Attention._adjust_key_value_for_inference`` sets ``no_mask`` once ``sequence_len_offset > 0``),
+so a multi-token chunk after the first would attend to its own future; a row's whole prompt
+is one forward, and the bound is on rows.
+
 Full recompute (``kv_cache=False``): every step runs the whole (right-padded) batch again, padded
 to a multiple of ``bucket`` columns so the schedule sees few distinct ``seq_length`` values, and
 reads each row's logits at its own last position. Causal attention means the padding after a row
@@ -331,6 +342,50 @@ def _inference_mode(model):
             switch(gpt, set_to=True)
 
 
+def generation_bytes_per_row(*, num_layers: int, hidden_size: int, ffn_hidden_size: int,
+                             num_attention_heads: int, num_query_groups: int, head_dim: int,
+                             padded_vocab_size: int, tp: int, width: int, prefill: int,
+                             dtype_bytes: int = 2, fused_attention: bool = True) -> int:
+    """Bytes one row adds to a generation sub-batch on one GPU of a stage with ``num_layers``
+    layers: its KV cache over ``width`` positions (megatron's static cache allocates the whole
+    width up front; key/value groups split over TP, at least one per rank) plus the largest
+    transient of its ``prefill``-token forward (no gradient, so one layer's tensors at a time:
+    residual stream and norm output, q/k/v, attention output, the gated MLP's fc1 output and its
+    activation, all unsplit over the sequence since inference runs without sequence parallelism;
+    without fused attention also the fp32 [heads, prefill, prefill] scores) and its fp32
+    full-vocabulary last-token logits (gathered over TP, and the sampler's copy)."""
+    groups = max(num_query_groups // tp, 1)
+    kv = 2 * num_layers * width * groups * head_dim * dtype_bytes
+    heads = num_attention_heads // tp
+    per_token = dtype_bytes * (2 * hidden_size + (heads + 2 * groups) * head_dim + heads * head_dim
+                               + 3 * ffn_hidden_size // tp)
+    transient = prefill * per_token
+    if not fused_attention:
+        transient += 4 * heads * prefill * prefill
+    logits = 2 * 4 * padded_vocab_size
+    return kv + transient + logits
+
+
+def _model_bytes_per_row(gpt, groups: "ModelParallelGroups", width: int, prefill: int) -> int:
+    cfg = gpt.config
+    return generation_bytes_per_row(
+        num_layers=len(gpt.decoder.layers), hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
+        head_dim=cfg.kv_channels, padded_vocab_size=gpt.vocab_size, tp=groups.tp_size, width=width,
+        prefill=prefill, dtype_bytes=cfg.params_dtype.itemsize,
+        # Transformer Engine's attention is fused (flash/cuDNN: no score matrix); the local one is not.
+        fused_attention=type(gpt.decoder.layers[0].self_attention.core_attention).__name__.startswith("TE")
+        if len(gpt.decoder.layers) else True)
+
+
+def _default_memory_budget(device) -> int | None:
+    """85% of the free memory of a CUDA device; None (unbounded) elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(0.85 * free)
+
+
 def _row_generator(seed: int, sample_id: int) -> torch.Generator:
     # Distinct, order-free streams per (seed, sample id); the constant is an odd 64-bit mixer.
     return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + sample_id) % (2**63 - 1))
@@ -375,7 +430,8 @@ def _merge_outputs(outs: list, parts: list[list[int]], batch: int, width: int, p
 def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, eos_id: int, pad_id: int,
              vocab_size: int, sample_ids: Sequence[int] | None = None,
              groups: ModelParallelGroups | None = None, kv_cache: bool = True,
-             max_prompt_spread: int | None = None, bucket: int = 64) -> GenerationOutput:
+             max_prompt_spread: int | None = None, bucket: int = 64,
+             memory_budget: int | str | None = "auto") -> GenerationOutput:
     """Generate a response for each prompt (token ids, BOS included by the caller).
 
     ``model`` is this rank's chunk (GPTModel, or wrapped in Float16Module / DDP). ``vocab_size`` is
@@ -389,6 +445,11 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
     (default: ``max_new_tokens``) run as separate sub-batches one after the other: the part of a
     prompt beyond the shortest one in its batch is fed one column per step, so a wide spread costs
     more than another pass. ``bucket`` (full recompute only) rounds the forward width up.
+
+    ``memory_budget`` (bytes; ``"auto"``: 85% of the free CUDA memory, unbounded on the CPU; None:
+    unbounded) bounds the rows of each sub-batch by :func:`generation_bytes_per_row`; a budget
+    smaller than one row is an error naming both numbers. Rows keep their own random streams, so
+    the results do not depend on the split.
     """
     model = _single_chunk(model)
     groups = groups or ModelParallelGroups.from_parallel_state()
@@ -423,6 +484,30 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
                          f"(padded) vocabulary {gpt.vocab_size}")
 
     ids = list(sample_ids) if sample_ids is not None else [groups.dp_rank * 2**32 + i for i in range(batch)]
+    device = next(gpt.parameters()).device
+    budget = _default_memory_budget(device) if memory_budget == "auto" else memory_budget
+    if budget is not None:
+        # Every rank of the model-parallel group computes the same split from the same numbers;
+        # with "auto" the free memory differs per rank, so take the group's minimum.
+        if memory_budget == "auto":
+            budget = int(collectives.all_reduce_values([float(budget)], groups.tp, op="min")[0])
+            if groups.pp_size > 1:
+                budget = int(collectives.all_reduce_values([float(budget)], groups.pp, op="min")[0])
+        prefill = int(lengths_B.max()) if kv_cache else width
+        per_row = _model_bytes_per_row(gpt, groups, width, prefill)
+        rows = budget // per_row
+        if rows < 1:
+            raise ValueError(f"memory_budget: {budget} bytes is less than one row of generation needs "
+                             f"({per_row} bytes for {width} positions); shorten the prompts or "
+                             "max_new_tokens, or free device memory")
+        if rows < batch:
+            parts = [list(range(i, min(i + rows, batch))) for i in range(0, batch, rows)]
+            outs = [generate(model, [prompts[i] for i in part], sampling, eos_id=eos_id, pad_id=pad_id,
+                             vocab_size=vocab_size, sample_ids=[ids[i] for i in part], groups=groups,
+                             kv_cache=kv_cache, max_prompt_spread=max_prompt_spread, bucket=bucket,
+                             memory_budget=None)
+                    for part in parts]
+            return _merge_outputs(outs, parts, batch, width, pad_id)
     if kv_cache:
         spread = n_new if max_prompt_spread is None else max_prompt_spread
         check_positive("max_prompt_spread", spread, allow_zero=True)
@@ -430,11 +515,10 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
         if len(parts) > 1:
             outs = [generate(model, [prompts[i] for i in part], sampling, eos_id=eos_id, pad_id=pad_id,
                              vocab_size=vocab_size, sample_ids=[ids[i] for i in part], groups=groups,
-                             kv_cache=True, max_prompt_spread=width)
+                             kv_cache=True, max_prompt_spread=width, memory_budget=None)
                     for part in parts]
             return _merge_outputs(outs, parts, batch, width, pad_id)
 
-    device = next(gpt.parameters()).device
     generators = [_row_generator(sampling.seed, int(s)) for s in ids]
 
     tokens_BW = torch.full((batch, width), pad_id, dtype=torch.long)

@@ -452,6 +452,16 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
     the results do not depend on the split.
     """
     model = _single_chunk(model)
+    from megatron_longact.models.builder import unwrap
+
+    cp = getattr(getattr(unwrap(model), "config", None), "context_parallel_size", 1)
+    if cp > 1:
+        # CP ranks hold different parts of each sequence; megatron's static KV-cache decode has no
+        # CP path (Transformer Engine's CP attention asserts on it). The trainer's pre-flight check
+        # refuses such runs before any model is built; this guards direct callers.
+        raise NotImplementedError(f"generate: the model runs with context_parallel_size={cp}; native "
+                                  "generation does not run under context parallelism (use "
+                                  "rollout.engine: vllm)")
     groups = groups or ModelParallelGroups.from_parallel_state()
     prompts = [list(map(int, p)) for p in prompts]
     n_new = sampling.max_new_tokens
@@ -470,8 +480,6 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
     if sample_ids is not None and len(sample_ids) != batch:
         raise ValueError(f"sample_ids: got {len(sample_ids)} ids for {batch} prompts")
     check_positive("bucket", bucket)
-    from megatron_longact.models.builder import unwrap
-
     gpt = unwrap(model)
     lengths_B = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     width = int(lengths_B.max()) + n_new

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _config(tmp: str, mode: str, **over):
     from megatron_longact.run_config import load_run_config
 
+    Path(tmp).mkdir(parents=True, exist_ok=True)
     path = Path(tmp) / "run.yaml"
     path.write_text(f"include: {ROOT / 'configs/model/tiny.yaml'}\n")
     overrides = {

@@ -376,3 +376,13 @@ def test_generation_bytes_per_row_by_hand():
     transient = 63488 * 2 * (2 * 8192 + (8 + 2) * 128 + 8 * 128 + 3 * 28672 // 8)
     assert got == kv + transient + 8 * 128256
     assert 3.5 * 2**30 < got < 4.5 * 2**30                   # ~4 GiB per row: 64 rows cannot go at once
+
+
+def test_generate_refuses_a_context_parallel_model():
+    from types import SimpleNamespace
+
+    from megatron_longact.generation import generate
+
+    model = SimpleNamespace(config=SimpleNamespace(context_parallel_size=2))
+    with pytest.raises(NotImplementedError, match="native generation does not run under context parallelism"):
+        generate(model, [[1, 2]], SamplingConfig(), eos_id=0, pad_id=0, vocab_size=10, groups=object())

@@ -304,7 +304,7 @@ class Trainer:
             # Set after the scheduler's last update, read by this step's optimizer update.
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = cfg.sft.lr * group.get("lr_mult", 1.0)
-        out = train_step(self.engine, partial(_sft_forward_step, self.handle, scale, _cp_group(self.cp)),
+        out = train_step(self.engine, partial(_sft_forward_step, scale, _cp_group(self.cp)),
                          iter(batches), len(batches), tokens.shape[1], mb)  # megatron divides by CP
         self._after_update(out)
         loss = reduce_last_stage_mean([float(d["sft_loss"]) for d in out["losses"]])
@@ -770,11 +770,9 @@ def _cp_reduce_metrics(metrics: dict, cp_group, num_tokens=None) -> dict:
     return out
 
 
-def _sft_forward_step(handle, scale, cp_group, data_iterator, model):
+def _sft_forward_step(scale, cp_group, data_iterator, model):
     mb = next(data_iterator)
     tokens, labels, mask = mb["tokens"], mb["labels"], mb["mask"]
-    if handle is not None:
-        handle.begin_microbatch(mb["valid"], None)
     output = model(tokens, mb["position_ids"], None, labels=labels)
 
     def loss_func(output_tensor):

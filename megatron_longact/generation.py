@@ -314,15 +314,27 @@ def _share_from_last_stage(values: torch.Tensor | None, shape: tuple, groups: Mo
 
 @contextlib.contextmanager
 def _inference_mode(model):
-    """Eval mode, no autograd, and sequence parallelism off for the duration.
+    """Eval mode, no autograd, sequence parallelism and FP8 off for the duration.
 
     Sequence parallelism splits the sequence over TP ranks, which a one-token decode step cannot
     do; megatron's static controller switches it off the same way. (SP needs CUDA: this branch is
     not exercised by the CPU tests.)
+
+    FP8: generation runs in BF16. Transformer Engine's FP8 GEMMs need a token count that is a
+    multiple of 8/16, which decode steps (one token per row) and unpadded prefills do not have;
+    megatron's FP8 inference wrapper pads them instead. Clearing ``config.fp8`` on every config
+    object of the model makes ``TransformerBlock`` skip its FP8 autocast context, so TE's layers run
+    their BF16 path with the same weights (no FP8 scaling state is touched). Teacher-forced log-prob
+    forwards keep FP8: their batches are padded for it (training/batching.py).
     """
     from megatron_longact.models.builder import unwrap
 
     gpt = unwrap(model)
+    fp8_configs = {id(m.config): m.config for m in gpt.modules()
+                   if getattr(getattr(m, "config", None), "fp8", None)}
+    saved_fp8 = {k: c.fp8 for k, c in fp8_configs.items()}
+    for c in fp8_configs.values():
+        c.fp8 = None
     was_training = model.training
     sequence_parallel = bool(gpt.config.sequence_parallel)
     switch = None
@@ -340,6 +352,8 @@ def _inference_mode(model):
         model.train(was_training)
         if switch is not None:
             switch(gpt, set_to=True)
+        for k, c in fp8_configs.items():
+            c.fp8 = saved_fp8[k]
 
 
 def generation_bytes_per_row(*, num_layers: int, hidden_size: int, ffn_hidden_size: int,

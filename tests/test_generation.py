@@ -386,3 +386,28 @@ def test_generate_refuses_a_context_parallel_model():
     model = SimpleNamespace(config=SimpleNamespace(context_parallel_size=2))
     with pytest.raises(NotImplementedError, match="native generation does not run under context parallelism"):
         generate(model, [[1, 2]], SamplingConfig(), eos_id=0, pad_id=0, vocab_size=10, groups=object())
+
+
+def _fp8_model_generates_in_bf16(runtime):
+    from megatron_longact.generation import generate
+    from megatron_longact.models.builder import build_model
+
+    cfg = _tiny()
+    model, tconfig = build_model(cfg, runtime.parallel)
+    # As if built with model.fp8 (needs Transformer Engine on CUDA). Without TE megatron's FP8
+    # context is a no-op, so make entering it an error: generating at all shows it was not entered.
+    from megatron.core.transformer import transformer_block
+
+    def no_fp8(*args, **kwargs):
+        raise AssertionError("generation entered megatron's FP8 context")
+
+    transformer_block.get_fp8_context = no_fp8
+    tconfig.fp8 = "hybrid"
+    out = generate(model, PROMPTS[:2], SamplingConfig(max_new_tokens=3), eos_id=TOK.eos_id,
+                   pad_id=TOK.pad_id, vocab_size=TOK.vocab_size)
+    return out.response_lengths.tolist(), tconfig.fp8
+
+
+def test_generation_runs_bf16_under_an_fp8_config_and_restores_it():
+    lengths, fp8_after = run_distributed(_fp8_model_generates_in_bf16, timeout=240)[0]
+    assert lengths == [3, 3] and fp8_after == "hybrid"

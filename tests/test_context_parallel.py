@@ -1,5 +1,5 @@
-"""Context parallelism in the trainer: one RL update and one SFT update at CP=2 and TP=2 x CP=2 give
-the loss, gradient norm and LongAct statistics of CP=1 (fp32).
+"""Context parallelism in the trainer: one RL update at CP=2, TP=2 x CP=2 and PP=2 x CP=2, and one SFT
+update at CP=2 and TP=2 x CP=2, give the loss, gradient norm and LongAct statistics of CP=1 (fp32).
 
 megatron's local attention refuses CP > 1, so every layout here (CP=1 included, so that all of them
 run the same attention arithmetic) builds its model with the test-only CP-capable core attention of
@@ -8,6 +8,7 @@ batch built without generation (native generation never runs under CP), with a K
 mini-batches, so the old and reference log-prob forwards run under CP too.
 """
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ def _config(tmp: str, mode: str, **over):
     from megatron_longact.run_config import load_run_config
 
     Path(tmp).mkdir(parents=True, exist_ok=True)
-    path = Path(tmp) / "run.yaml"
+    # One file per rank: ranks writing and reading one file at once can read it half-written.
+    path = Path(tmp) / f"run{os.environ.get('RANK', '0')}.yaml"
     path.write_text(f"include: {ROOT / 'configs/model/tiny.yaml'}\n")
     overrides = {
         "model.params_dtype": "fp32", "train.mode": mode, "train.steps": 1, "train.micro_batch_size": 2,
@@ -95,7 +97,8 @@ def _sft_update(runtime, tmp):
     return {k: float(v) for k, v in trainer.sft_step().items()}
 
 
-LAYOUTS = [dict(cp=2), dict(tp=2, cp=2)]
+LAYOUTS = [dict(cp=2), dict(tp=2, cp=2), dict(pp=2, cp=2)]
+IDS = ["cp2", "tp2xcp2", "pp2xcp2"]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +106,7 @@ def rl_reference(tmp_path_factory):
     return run_distributed(_rl_update, args=(str(tmp_path_factory.mktemp("cp1")),), timeout=400)[0]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=["cp2", "tp2xcp2"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
 def test_rl_update_under_context_parallelism_matches_cp1(tmp_path, rl_reference, layout):
     ref_metrics, ref_stats = rl_reference
     results = run_distributed(_rl_update, args=(str(tmp_path),), timeout=600, **layout)
@@ -118,7 +121,7 @@ def test_rl_update_under_context_parallelism_matches_cp1(tmp_path, rl_reference,
         assert float(stats[2][0]) == float(ref_stats[2][0]) > 0
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=["cp2", "tp2xcp2"])
+@pytest.mark.parametrize("layout", LAYOUTS[:2], ids=IDS[:2])
 def test_sft_update_under_context_parallelism_matches_cp1(tmp_path, layout):
     ref = run_distributed(_sft_update, args=(str(tmp_path / "a"),), timeout=400)[0]
     for metrics in run_distributed(_sft_update, args=(str(tmp_path / "b"),), timeout=600, **layout):

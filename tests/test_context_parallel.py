@@ -127,3 +127,32 @@ def test_sft_update_under_context_parallelism_matches_cp1(tmp_path, layout):
     for metrics in run_distributed(_sft_update, args=(str(tmp_path / "b"),), timeout=600, **layout):
         for key in ("sft/loss", "train/grad_norm", "perf/tokens"):
             assert metrics[key] == pytest.approx(ref[key], rel=2e-5), key
+
+
+def _attention_vs_megatron(runtime):
+    import copy
+
+    from megatron_longact.models import builder
+    from megatron_longact.run_config import load_run_config
+    from megatron_longact.training.engine import reference_initialize
+    from tests.cp_attention import cp_layer_spec
+
+    cfg = copy.deepcopy(load_run_config(ROOT / "configs/model/tiny.yaml", ["model.params_dtype=fp32"]).model)
+    tokens = torch.randint(0, 263, (2, 48), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(48).unsqueeze(0).expand_as(tokens)
+    outs = []
+    for spec in (builder.layer_spec, cp_layer_spec):
+        original = builder.layer_spec
+        builder.layer_spec = spec
+        try:
+            model, _ = builder.build_model(cfg, runtime.parallel)
+        finally:
+            builder.layer_spec = original
+        reference_initialize(model, cfg, 5)
+        outs.append(model(tokens, pos, None).detach())
+    return outs
+
+
+def test_the_test_attention_is_megatrons_attention_at_cp1():
+    megatron_out, ours = run_distributed(_attention_vs_megatron, timeout=300)[0]
+    torch.testing.assert_close(ours, megatron_out, rtol=1e-5, atol=1e-5)

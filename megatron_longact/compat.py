@@ -166,6 +166,10 @@ class _CudaToCpuMode(TorchFunctionMode):
             return name.replace("torch.", "torch.cuda.", 1) if "cuda" not in name else name
         if "device" in kwargs:
             kwargs["device"] = _map_device(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            # Pinned host memory needs a CUDA allocator; megatron pins index tensors it then moves
+            # to the GPU (e.g. the CP slice of the RoPE table, rope_utils.py:62).
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1:
             # Tensor.to(device, ...): any int or CUDA name in position 1 is a device.
             args = (args[0], _map_device(args[1])) + tuple(args[2:])

@@ -18,6 +18,17 @@ its own prompt token; a row past its prompt samples. Each row's tokens therefore
 would shift every position and cannot be used with it. Cost: the prompt part beyond the shortest
 prompt is fed one column per step, so batch prompts of similar length together.
 
+Memory: rows run in sub-batches whose memory fits ``memory_budget`` (default on CUDA: 85% of the
+free device memory when generation starts; unbounded on the CPU). Each row costs its static KV
+cache (K and V of every layer of the stage, for the whole buffer width) plus the transient
+activations of its prefill forward and its fp32 last-token logits; :func:`generation_bytes_per_row`
+states the formula, and ``longact-plan`` uses the same one. Sub-batches run one after the other and
+each allocates its own cache, so peak memory is one sub-batch's. Prefill is not chunked: megatron's
+static KV cache turns causal masking off for every forward after the first one
+(``Attention._adjust_key_value_for_inference`` sets ``no_mask`` once ``sequence_len_offset > 0``),
+so a multi-token chunk after the first would attend to its own future; a row's whole prompt
+is one forward, and the bound is on rows.
+
 Full recompute (``kv_cache=False``): every step runs the whole (right-padded) batch again, padded
 to a multiple of ``bucket`` columns so the schedule sees few distinct ``seq_length`` values, and
 reads each row's logits at its own last position. Causal attention means the padding after a row
@@ -303,15 +314,27 @@ def _share_from_last_stage(values: torch.Tensor | None, shape: tuple, groups: Mo
 
 @contextlib.contextmanager
 def _inference_mode(model):
-    """Eval mode, no autograd, and sequence parallelism off for the duration.
+    """Eval mode, no autograd, sequence parallelism and FP8 off for the duration.
 
     Sequence parallelism splits the sequence over TP ranks, which a one-token decode step cannot
     do; megatron's static controller switches it off the same way. (SP needs CUDA: this branch is
     not exercised by the CPU tests.)
+
+    FP8: generation runs in BF16. Transformer Engine's FP8 GEMMs need a token count that is a
+    multiple of 8/16, which decode steps (one token per row) and unpadded prefills do not have;
+    megatron's FP8 inference wrapper pads them instead. Clearing ``config.fp8`` on every config
+    object of the model makes ``TransformerBlock`` skip its FP8 autocast context, so TE's layers run
+    their BF16 path with the same weights (no FP8 scaling state is touched). Teacher-forced log-prob
+    forwards keep FP8: their batches are padded for it (training/batching.py).
     """
     from megatron_longact.models.builder import unwrap
 
     gpt = unwrap(model)
+    fp8_configs = {id(m.config): m.config for m in gpt.modules()
+                   if getattr(getattr(m, "config", None), "fp8", None)}
+    saved_fp8 = {k: c.fp8 for k, c in fp8_configs.items()}
+    for c in fp8_configs.values():
+        c.fp8 = None
     was_training = model.training
     sequence_parallel = bool(gpt.config.sequence_parallel)
     switch = None
@@ -329,6 +352,52 @@ def _inference_mode(model):
         model.train(was_training)
         if switch is not None:
             switch(gpt, set_to=True)
+        for k, c in fp8_configs.items():
+            c.fp8 = saved_fp8[k]
+
+
+def generation_bytes_per_row(*, num_layers: int, hidden_size: int, ffn_hidden_size: int,
+                             num_attention_heads: int, num_query_groups: int, head_dim: int,
+                             padded_vocab_size: int, tp: int, width: int, prefill: int,
+                             dtype_bytes: int = 2, fused_attention: bool = True) -> int:
+    """Bytes one row adds to a generation sub-batch on one GPU of a stage with ``num_layers``
+    layers: its KV cache over ``width`` positions (megatron's static cache allocates the whole
+    width up front; key/value groups split over TP, at least one per rank) plus the largest
+    transient of its ``prefill``-token forward (no gradient, so one layer's tensors at a time:
+    residual stream and norm output, q/k/v, attention output, the gated MLP's fc1 output and its
+    activation, all unsplit over the sequence since inference runs without sequence parallelism;
+    without fused attention also the fp32 [heads, prefill, prefill] scores) and its fp32
+    full-vocabulary last-token logits (gathered over TP, and the sampler's copy)."""
+    groups = max(num_query_groups // tp, 1)
+    kv = 2 * num_layers * width * groups * head_dim * dtype_bytes
+    heads = num_attention_heads // tp
+    per_token = dtype_bytes * (2 * hidden_size + (heads + 2 * groups) * head_dim + heads * head_dim
+                               + 3 * ffn_hidden_size // tp)
+    transient = prefill * per_token
+    if not fused_attention:
+        transient += 4 * heads * prefill * prefill
+    logits = 2 * 4 * padded_vocab_size
+    return kv + transient + logits
+
+
+def _model_bytes_per_row(gpt, groups: "ModelParallelGroups", width: int, prefill: int) -> int:
+    cfg = gpt.config
+    return generation_bytes_per_row(
+        num_layers=len(gpt.decoder.layers), hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
+        head_dim=cfg.kv_channels, padded_vocab_size=gpt.vocab_size, tp=groups.tp_size, width=width,
+        prefill=prefill, dtype_bytes=cfg.params_dtype.itemsize,
+        # Transformer Engine's attention is fused (flash/cuDNN: no score matrix); the local one is not.
+        fused_attention=type(gpt.decoder.layers[0].self_attention.core_attention).__name__.startswith("TE")
+        if len(gpt.decoder.layers) else True)
+
+
+def _default_memory_budget(device) -> int | None:
+    """85% of the free memory of a CUDA device; None (unbounded) elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(0.85 * free)
 
 
 def _row_generator(seed: int, sample_id: int) -> torch.Generator:
@@ -375,7 +444,8 @@ def _merge_outputs(outs: list, parts: list[list[int]], batch: int, width: int, p
 def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, eos_id: int, pad_id: int,
              vocab_size: int, sample_ids: Sequence[int] | None = None,
              groups: ModelParallelGroups | None = None, kv_cache: bool = True,
-             max_prompt_spread: int | None = None, bucket: int = 64) -> GenerationOutput:
+             max_prompt_spread: int | None = None, bucket: int = 64,
+             memory_budget: int | str | None = "auto") -> GenerationOutput:
     """Generate a response for each prompt (token ids, BOS included by the caller).
 
     ``model`` is this rank's chunk (GPTModel, or wrapped in Float16Module / DDP). ``vocab_size`` is
@@ -389,8 +459,23 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
     (default: ``max_new_tokens``) run as separate sub-batches one after the other: the part of a
     prompt beyond the shortest one in its batch is fed one column per step, so a wide spread costs
     more than another pass. ``bucket`` (full recompute only) rounds the forward width up.
+
+    ``memory_budget`` (bytes; ``"auto"``: 85% of the free CUDA memory, unbounded on the CPU; None:
+    unbounded) bounds the rows of each sub-batch by :func:`generation_bytes_per_row`; a budget
+    smaller than one row is an error naming both numbers. Rows keep their own random streams, so
+    the results do not depend on the split.
     """
     model = _single_chunk(model)
+    from megatron_longact.models.builder import unwrap
+
+    cp = getattr(getattr(unwrap(model), "config", None), "context_parallel_size", 1)
+    if cp > 1:
+        # CP ranks hold different parts of each sequence; megatron's static KV-cache decode has no
+        # CP path (Transformer Engine's CP attention asserts on it). The trainer's pre-flight check
+        # refuses such runs before any model is built; this guards direct callers.
+        raise NotImplementedError(f"generate: the model runs with context_parallel_size={cp}; native "
+                                  "generation does not run under context parallelism (use "
+                                  "rollout.engine: vllm)")
     groups = groups or ModelParallelGroups.from_parallel_state()
     prompts = [list(map(int, p)) for p in prompts]
     n_new = sampling.max_new_tokens
@@ -409,8 +494,6 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
     if sample_ids is not None and len(sample_ids) != batch:
         raise ValueError(f"sample_ids: got {len(sample_ids)} ids for {batch} prompts")
     check_positive("bucket", bucket)
-    from megatron_longact.models.builder import unwrap
-
     gpt = unwrap(model)
     lengths_B = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     width = int(lengths_B.max()) + n_new
@@ -423,6 +506,30 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
                          f"(padded) vocabulary {gpt.vocab_size}")
 
     ids = list(sample_ids) if sample_ids is not None else [groups.dp_rank * 2**32 + i for i in range(batch)]
+    device = next(gpt.parameters()).device
+    budget = _default_memory_budget(device) if memory_budget == "auto" else memory_budget
+    if budget is not None:
+        # Every rank of the model-parallel group computes the same split from the same numbers;
+        # with "auto" the free memory differs per rank, so take the group's minimum.
+        if memory_budget == "auto":
+            budget = int(collectives.all_reduce_values([float(budget)], groups.tp, op="min")[0])
+            if groups.pp_size > 1:
+                budget = int(collectives.all_reduce_values([float(budget)], groups.pp, op="min")[0])
+        prefill = int(lengths_B.max()) if kv_cache else width
+        per_row = _model_bytes_per_row(gpt, groups, width, prefill)
+        rows = budget // per_row
+        if rows < 1:
+            raise ValueError(f"memory_budget: {budget} bytes is less than one row of generation needs "
+                             f"({per_row} bytes for {width} positions); shorten the prompts or "
+                             "max_new_tokens, or free device memory")
+        if rows < batch:
+            parts = [list(range(i, min(i + rows, batch))) for i in range(0, batch, rows)]
+            outs = [generate(model, [prompts[i] for i in part], sampling, eos_id=eos_id, pad_id=pad_id,
+                             vocab_size=vocab_size, sample_ids=[ids[i] for i in part], groups=groups,
+                             kv_cache=kv_cache, max_prompt_spread=max_prompt_spread, bucket=bucket,
+                             memory_budget=None)
+                    for part in parts]
+            return _merge_outputs(outs, parts, batch, width, pad_id)
     if kv_cache:
         spread = n_new if max_prompt_spread is None else max_prompt_spread
         check_positive("max_prompt_spread", spread, allow_zero=True)
@@ -430,11 +537,10 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
         if len(parts) > 1:
             outs = [generate(model, [prompts[i] for i in part], sampling, eos_id=eos_id, pad_id=pad_id,
                              vocab_size=vocab_size, sample_ids=[ids[i] for i in part], groups=groups,
-                             kv_cache=True, max_prompt_spread=width)
+                             kv_cache=True, max_prompt_spread=width, memory_budget=None)
                     for part in parts]
             return _merge_outputs(outs, parts, batch, width, pad_id)
 
-    device = next(gpt.parameters()).device
     generators = [_row_generator(sampling.seed, int(s)) for s in ids]
 
     tokens_BW = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -529,7 +635,7 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
 def sequence_log_probs(model, tokens_BS: torch.Tensor, *, vocab_size: int, temperature: float = 1.0,
                        lengths: torch.Tensor | None = None, micro_batch_size: int | None = None,
                        with_grad: bool = False,
-                       groups: ModelParallelGroups | None = None) -> torch.Tensor:
+                       groups: ModelParallelGroups | None = None, cp_group=None) -> torch.Tensor:
     """Per-token log-probs of given sequences: ``out[i, t] = log p(tokens[i, t+1] | tokens[i, :t+1])``,
     [B, S-1] fp32, from temperature-scaled logits over the first ``vocab_size`` ids.
 
@@ -545,6 +651,11 @@ def sequence_log_probs(model, tokens_BS: torch.Tensor, *, vocab_size: int, tempe
     pipeline parallelism (with PP, gradients flow through megatron's schedule: call
     :func:`vocab_parallel_log_probs` in the forward step's loss function instead). The model's
     train/eval mode is left as the caller set it.
+
+    ``cp_group`` (context parallelism, ``with_grad=False`` only): every CP rank passes the same full
+    rows, padded to a multiple of 2 x CP (:func:`megatron_longact.training.batching.padded_length`);
+    each runs its load-balanced part (targets shifted before the split, so each position has its
+    target) and the parts are gathered back over the group.
     """
     model = _single_chunk(model)
     groups = groups or ModelParallelGroups.from_parallel_state()
@@ -554,9 +665,13 @@ def sequence_log_probs(model, tokens_BS: torch.Tensor, *, vocab_size: int, tempe
     from megatron_longact.models.builder import unwrap
 
     gpt = unwrap(model)
-    if gpt.config.sequence_parallel and seq % groups.tp_size:
-        raise ValueError(f"tokens: sequence length {seq} must be a multiple of the tensor-parallel size "
-                         f"{groups.tp_size} under sequence parallelism; pad the batch")
+    cp = collectives.size(cp_group) if cp_group is not None else 1
+    if cp > 1 and (with_grad or seq % (2 * cp)):
+        raise ValueError(f"tokens: under context parallelism ({cp} ranks) sequence_log_probs needs "
+                         f"with_grad=False and a length that is a multiple of {2 * cp}, got {seq}")
+    if gpt.config.sequence_parallel and (seq // cp) % groups.tp_size:
+        raise ValueError(f"tokens: sequence length {seq} / CP {cp} must be a multiple of the "
+                         f"tensor-parallel size {groups.tp_size} under sequence parallelism; pad the batch")
     device = next(gpt.parameters()).device
     tokens_BS = tokens_BS.to(device)
     targets_BS = tokens_BS[:, 1:].clamp(max=vocab_size - 1)
@@ -572,29 +687,37 @@ def sequence_log_probs(model, tokens_BS: torch.Tensor, *, vocab_size: int, tempe
     else:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megatron_longact.training.batching import cp_positions, gather_from_cp, shift_left
+
         mbs = micro_batch_size or batch
         check_positive("micro_batch_size", mbs)
         n_mb = -(-batch // mbs)
         padded = torch.cat([tokens_BS, tokens_BS[:1].expand(n_mb * mbs - batch, seq)]) \
             if n_mb * mbs != batch else tokens_BS
+        # Targets at the full width (the last column's is a placeholder), then this CP rank's part.
+        cp_rank = collectives.rank(cp_group) if cp > 1 else 0
+        pos_L = cp_positions(seq, cp, cp_rank, device=device)
+        inputs = torch.stack([padded, shift_left(padded, 0).clamp(max=vocab_size - 1)], dim=1)[:, :, pos_L]
 
         def forward_step(data_iterator, chunk):
-            tokens = next(data_iterator)
+            pair = next(data_iterator)
+            tokens, targets = pair[:, 0], pair[:, 1]
 
-            def to_log_probs(output_BSVl, non_loss_data=False):  # called on the last stage only
-                return vocab_parallel_log_probs(output_BSVl[:, :-1, :], tokens[:, 1:].clamp(max=vocab_size - 1),
-                                                vocab_size=vocab_size, temperature=temperature)
+            def to_log_probs(output_BLVl, non_loss_data=False):  # called on the last stage only
+                return vocab_parallel_log_probs(output_BLVl, targets, vocab_size=vocab_size,
+                                                temperature=temperature)
 
-            return chunk(tokens, _position_ids(tokens), None), to_log_probs
+            return chunk(tokens, pos_L.unsqueeze(0).expand_as(tokens), None), to_log_probs
 
         with torch.no_grad():
             store = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(padded.split(mbs)), model=[model],
+                forward_step_func=forward_step, data_iterator=iter(inputs.split(mbs)), model=[model],
                 num_microbatches=n_mb, seq_length=seq, micro_batch_size=mbs, forward_only=True,
                 collect_non_loss_data=True,
             )
             values = torch.cat(store)[:batch] if groups.is_last_stage else None
-            out = _share_from_last_stage(values, (batch, seq - 1), groups, device).float()
+            local = _share_from_last_stage(values, (batch, seq // cp), groups, device).float()
+            out = gather_from_cp(local, cp_group if cp > 1 else None)[:, :seq - 1]
     if lengths is not None:
         keep = torch.arange(1, seq, device=out.device).unsqueeze(0) < lengths.to(out.device).unsqueeze(1)
         out = torch.where(keep, out, torch.zeros_like(out))

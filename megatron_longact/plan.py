@@ -42,9 +42,21 @@ Memory model (bytes per GPU; all of it is an estimate, stated so that it can be 
   expansion) plus fp32 snapshots of the frozen entries of the main weight and both Adam moments
   (12 B x (1 - keep_ratio) x the Q/K rows' share of the shard).
 * Optional: a KL reference model (bf16 weights, same sharding, no gradients or optimizer state;
-  implied by ``rl.kl_coef > 0`` when the run config has an rl section),
-  and a rollout KV cache (2 x layers of the stage x tokens x key/value groups / TP x head dim x 2 B
-  per sequence; generation is not split over CP).
+  implied by ``rl.kl_coef > 0`` when the run config has an rl section).
+* RL runs (``train.mode: rl``): the batch comes from the ``rl`` section (``prompts_per_step x
+  group_size`` sequences per RL step, split over DP, then into ``mini_batches`` optimizer steps of
+  micro-batches), not from ``train.global_batch_size``, which only LM mode reads. Sequences are
+  planned at ``train.seq_length`` tokens (prompt + response). Two more phases:
+  - rollout with the native engine (megatron's static KV cache,
+    :func:`megatron_longact.generation.generate`): each DP replica's rows run in sub-batches bounded
+    by the memory left beside the static part (generation's default budget: 85% of the free
+    memory); a row costs :func:`megatron_longact.generation.generation_bytes_per_row` (its KV cache
+    over the whole width, one layer's prefill transient without sequence parallelism, its fp32
+    last-token logits). A layout where not even one row fits does not fit. Native generation does
+    not run under context parallelism: such a plan is refused (as the trainer refuses the run).
+  - teacher-forced log-prob forwards (old policy, reference): one micro-batch's logits in bf16,
+    their fp32 copy and the temperature-scaled copy (10 B per vocab-parallel logit) plus one layer's
+    transient, no gradients.
 * Fixed reserve for the CUDA context, NCCL buffers and library workspaces (default 4 GiB), and a
   fraction of the device kept free for allocator fragmentation (default 10%).
 
@@ -85,7 +97,8 @@ class PlanOptions:
     """A frozen KL reference policy kept on the GPUs (GRPO with a KL term)."""
     rollout_sequences: int = 0
     """Sequences of ``seq_length`` tokens generated at once per data-parallel replica (KV cache);
-    0 leaves the rollout phase out."""
+    0 plans RL runs' rollouts from the ``rl`` section (native engine) and leaves other runs'
+    out."""
     longact_enabled: bool = True
     """False plans without LongAct's state whatever the config says."""
     longact: LongActConfig | None = None
@@ -135,6 +148,8 @@ class Plan:
     warnings: list[str]
     usable_bytes: int
     device_bytes: int
+    refusals: list[str] = dataclasses.field(default_factory=list)
+    """Reasons the run cannot start whatever the memory (e.g. native generation under CP)."""
 
     @property
     def worst(self) -> StageMemory:
@@ -246,7 +261,38 @@ def _longact_bytes(cfg: ModelConfig, la: LongActConfig | None, tp: int, pp: int,
     return persistent, step, forward
 
 
-def stage_memory(run: RunConfig, parallel, stage: int, opts: PlanOptions) -> StageMemory:
+def rl_batch(run: RunConfig, dp: int) -> dict | None:
+    """The RL step's batch numbers from the ``rl`` section (None for other modes)."""
+    rl = getattr(run, "rl", None)
+    if run.train.mode != "rl" or rl is None:
+        return None
+    sequences = rl.prompts_per_step * rl.group_size
+    per_rank = sequences // dp
+    per_mini = per_rank // rl.mini_batches
+    return {"sequences": sequences, "per_rank": per_rank, "per_mini": per_mini,
+            "micro_batches": max(math.ceil(per_mini / run.train.micro_batch_size), 1),
+            "updates": rl.ppo_epochs * rl.mini_batches, "max_new_tokens": rl.max_new_tokens}
+
+
+def _rollout_engine(run: RunConfig) -> str:
+    return getattr(getattr(run, "rollout", None), "engine", "megatron")
+
+
+def rollout_row_bytes(run: RunConfig, tp: int, pp: int, prefill: int) -> int:
+    """Bytes of one native-generation row on one GPU (see the module docstring)."""
+    from megatron_longact.generation import generation_bytes_per_row
+
+    cfg = run.model
+    return generation_bytes_per_row(
+        num_layers=cfg.num_layers // pp, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
+        head_dim=cfg.kv_channels, padded_vocab_size=cfg.padded_vocab_size, tp=tp,
+        width=run.train.seq_length, prefill=prefill, dtype_bytes=_DTYPE_BYTES[cfg.params_dtype],
+        fused_attention=cfg.transformer_impl != "local")
+
+
+def stage_memory(run: RunConfig, parallel, stage: int, opts: PlanOptions,
+                 usable: int | None = None) -> StageMemory:
     cfg, train = run.model, run.train
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     cp, dp = parallel.context_parallel_size, parallel.data_parallel_size
@@ -269,7 +315,8 @@ def stage_memory(run: RunConfig, parallel, stage: int, opts: PlanOptions) -> Sta
     items["reserve"] = int(opts.reserve_gib * GiB)
 
     # Forward/backward activations.
-    num_mb = train.num_microbatches(dp)
+    rlb = rl_batch(run, dp)
+    num_mb = rlb["micro_batches"] if rlb else train.num_microbatches(dp)
     in_flight = min(pp - stage, num_mb)
     full_layer = layer_activation_bytes(cfg, tokens, tp, sequence_parallel=sp, fp8=opts.fp8)
     seq_split = tp if sp else 1
@@ -285,7 +332,29 @@ def stage_memory(run: RunConfig, parallel, stage: int, opts: PlanOptions) -> Sta
     if opts.rollout_sequences:
         kv = kv_cache_bytes_per_sequence(cfg, train.seq_length, tp, pp)
         phases["rollout kv cache"] = kv * opts.rollout_sequences
+    elif rlb is not None:
+        if _rollout_engine(run) == "megatron":
+            rows = rollout_rows(run, parallel, stage, sum(items.values()), usable)
+            phases["rollout (native generation)"] = rows["bytes"]
+        # Old-policy / reference log-prob forwards: logits of one micro-batch and one layer.
+        lin = layer_activation_bytes(cfg, tokens, tp, sequence_parallel=sp) // max(2 * layers, 1)
+        logits = 10 * tokens * cfg.padded_vocab_size // tp if stage == pp - 1 else 0
+        phases["log-prob forward"] = logits + full_layer + lin
     return StageMemory(stage=stage, parameters=n, static=items, phases=phases)
+
+
+def rollout_rows(run: RunConfig, parallel, stage: int, static_bytes: int, usable: int | None) -> dict:
+    """How native generation splits one DP replica's rows on ``stage``: rows per sub-batch fitting
+    85% of the memory beside ``static_bytes`` (at least one row, which then may not fit)."""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    rlb = rl_batch(run, parallel.data_parallel_size)
+    prefill = max(run.train.seq_length - rlb["max_new_tokens"], 1)
+    per_row = rollout_row_bytes(run, tp, pp, prefill)
+    room = (usable if usable is not None else 0) - static_bytes
+    fit = int(0.85 * room) // per_row if room > 0 else 0
+    sub = max(min(rlb["per_rank"], fit), 1)
+    return {"rows": rlb["per_rank"], "sub_batch": sub, "sub_batches": math.ceil(rlb["per_rank"] / sub),
+            "per_row": per_row, "bytes": sub * per_row, "fit": fit, "prefill": prefill}
 
 
 def kv_cache_bytes_per_sequence(cfg: ModelConfig, seq_length: int, tp: int, pp: int) -> int:
@@ -335,7 +404,8 @@ def make_plan(run: RunConfig, nodes: int, gpus_per_node: int, opts: PlanOptions 
     if tp > gpus_per_node:
         warnings.append(f"tensor_model_parallel_size={tp} spans nodes ({gpus_per_node} GPUs per node): "
                         "TP all-reduces would cross the inter-node network")
-    num_mb = train.num_microbatches(dp)
+    rlb = rl_batch(run, dp)
+    num_mb = rlb["micro_batches"] if rlb else train.num_microbatches(dp)
     if pp > 1 and num_mb < pp:
         warnings.append(f"{num_mb} micro-batches per step for {pp} pipeline stages: most of each "
                         "step is pipeline bubble; raise train.global_batch_size")
@@ -343,15 +413,23 @@ def make_plan(run: RunConfig, nodes: int, gpus_per_node: int, opts: PlanOptions 
     if needs_te:
         warnings.append(f"{' and '.join(needs_te)} need{'s' if len(needs_te) == 1 else ''} "
                         "Transformer Engine on CUDA; the CPU path cannot run this layout")
-    stages = [stage_memory(run, parallel, s, opts) for s in range(pp)]
+    device = int(opts.gpu_memory_gib * GiB)
+    usable = int(device * (1 - opts.fragmentation))
+    stages = [stage_memory(run, parallel, s, opts, usable) for s in range(pp)]
+    refusals = []
+    native_rollouts = rlb is not None and not opts.rollout_sequences and _rollout_engine(run) == "megatron"
+    if native_rollouts and cp > 1:
+        refusals.append(f"parallel.context_parallel_size: {cp} with RL rollouts: native generation does "
+                        "not run under context parallelism; use rollout.engine: vllm")
 
     n_total = cfg.num_parameters()
     embed = cfg.padded_vocab_size * cfg.hidden_size
     n_matmul = n_total - embed  # the input embedding is a lookup; the output layer is a matmul
-    tokens_step = train.global_batch_size * train.seq_length
+    seqs_step = rlb["sequences"] * rlb["updates"] // max(rl.mini_batches, 1) if rlb else train.global_batch_size
+    tokens_step = seqs_step * train.seq_length
     L, s = cfg.num_layers, train.seq_length
     attn_flops_seq = 6 * L * s * s * cfg.num_attention_heads * cfg.kv_channels  # causal, fwd+bwd
-    model_flops = 6 * n_matmul * tokens_step + attn_flops_seq * train.global_batch_size
+    model_flops = 6 * n_matmul * tokens_step + attn_flops_seq * seqs_step
     hw_flops = model_flops * (4 / 3 if cfg.recompute == "full" else 1.0)
     worst = max(stages, key=lambda st: st.peak)
     pbytes = _DTYPE_BYTES[cfg.params_dtype]
@@ -386,8 +464,12 @@ def make_plan(run: RunConfig, nodes: int, gpus_per_node: int, opts: PlanOptions 
         "sequence": f"{train.seq_length} tokens, {train.seq_length // cp} per CP rank, "
                     f"{train.seq_length // cp // (tp if parallel.sequence_parallel else 1)} per GPU "
                     "in the residual stream",
-        "batch": f"{train.global_batch_size} sequences/step = {train.micro_batch_size} per micro-batch "
-                 f"x {num_mb} micro-batches x DP {dp}; {_fmt_count(tokens_step)} tokens/step",
+        "batch": (f"{train.global_batch_size} sequences/step = {train.micro_batch_size} per micro-batch "
+                  f"x {num_mb} micro-batches x DP {dp}; {_fmt_count(tokens_step)} tokens/step") if rlb is None
+        else (f"{rlb['sequences']} sequences/RL step (rl.prompts_per_step {rl.prompts_per_step} x "
+              f"rl.group_size {rl.group_size}), {rlb['per_rank']} per DP rank; {rlb['updates']} optimizer "
+              f"step(s) of {train.micro_batch_size} per micro-batch x {num_mb} micro-batches x DP {dp}; "
+              f"{_fmt_count(tokens_step)} tokens trained per RL step"),
         "pipeline bubble": f"{(pp - 1) / (num_mb + pp - 1):.1%} of a step (1F1B, (PP-1)/(M+PP-1))",
         "recompute": cfg.recompute + ("" if cfg.recompute != "selective" else
                                       " (estimated as none: fused attention keeps no s^2 scores)"),
@@ -399,14 +481,25 @@ def make_plan(run: RunConfig, nodes: int, gpus_per_node: int, opts: PlanOptions 
                     f"{train.seq_length}-token sequence in rollouts",
         "checkpoint": f"{_fmt_bytes(ckpt_bytes)} on disk (weights + fp32 main weights and Adam moments)",
     }
-    device = int(opts.gpu_memory_gib * GiB)
-    usable = int(device * (1 - opts.fragmentation))
-    if opts.rollout_sequences == 0:
+    if native_rollouts:
+        worst_stage = max(stages, key=lambda st: st.phases.get("rollout (native generation)", 0))
+        r = rollout_rows(run, parallel, worst_stage.stage, worst_stage.static_total, usable)
+        numbers["rollout"] = (
+            f"native generation: {r['rows']} rows per DP replica of up to {train.seq_length} tokens "
+            f"(prompt <= {r['prefill']}), {_fmt_bytes(r['per_row'])} per row per GPU (KV cache "
+            f"{_fmt_bytes(kv_cache_bytes_per_sequence(cfg, train.seq_length, tp, pp))}, prefill "
+            f"transient, logits); sub-batches of {r['sub_batch']} rows x {r['sub_batches']}: "
+            f"{_fmt_bytes(r['bytes'])} per GPU"
+            + ("" if r["fit"] >= 1 else "; not even one row fits beside the static memory"))
+    elif rlb is not None and not opts.rollout_sequences:
+        numbers["rollout"] = (f"engine {_rollout_engine(run)}: its memory is not estimated here")
+        warnings.append(f"rollout.engine {_rollout_engine(run)}: rollout memory is not part of this plan")
+    if opts.rollout_sequences == 0 and not native_rollouts:
         kv = kv_cache_bytes_per_sequence(cfg, train.seq_length, tp, pp)
         room = min(usable - st.static_total for st in stages)
         numbers["kv cache"] += f"; ~{max(room // kv, 0)} sequences fit beside the static memory"
     return Plan(world, tp, pp, cp, dp, bool(parallel.sequence_parallel), stages, numbers, warnings,
-                usable, device)
+                usable, device, refusals)
 
 
 def format_plan(plan: Plan) -> str:
@@ -417,10 +510,10 @@ def format_plan(plan: Plan) -> str:
     worst = plan.worst
     lines.append("")
     lines.append(f"Memory per GPU (GiB), stages 0..{plan.pp - 1}; peak = static + largest phase")
-    lines.append(f"  {'':<32}" + "".join(f"{'stage ' + str(s.stage):>10}" for s in plan.stages))
+    lines.append(f"  {'':<36}" + "".join(f"{'stage ' + str(s.stage):>10}" for s in plan.stages))
 
     def row(label, values):
-        return f"  {label:<32}" + "".join(f"{v / GiB:>10.2f}" for v in values)
+        return f"  {label:<36}" + "".join(f"{v / GiB:>10.2f}" for v in values)
 
     for name in worst.static:
         lines.append(row(name, [s.static.get(name, 0) for s in plan.stages]))
@@ -429,7 +522,7 @@ def format_plan(plan: Plan) -> str:
         lines.append(row("phase: " + name, [s.phases.get(name, 0) for s in plan.stages]))
     lines.append(row("= peak", [s.peak for s in plan.stages]))
     frag = 1 - plan.usable_bytes / plan.device_bytes
-    lines.append(f"  {'usable of device':<32}{plan.usable_bytes / GiB:>10.2f}  "
+    lines.append(f"  {'usable of device':<36}{plan.usable_bytes / GiB:>10.2f}  "
                  f"({plan.device_bytes / GiB:.0f} GiB less {frag:.0%} for fragmentation)")
     lines.append("")
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
@@ -438,4 +531,6 @@ def format_plan(plan: Plan) -> str:
                  f"(headroom {(plan.usable_bytes - worst.peak) / GiB:+.2f} GiB)")
     for w in plan.warnings:
         lines.append(f"warning: {w}")
+    for r in plan.refusals:
+        lines.append(f"REFUSED: {r}")
     return "\n".join(lines)

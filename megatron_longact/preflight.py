@@ -24,7 +24,17 @@ from pathlib import Path
 
 from megatron_longact.errors import UsageError
 
-ROUND = 16  # the trainer pads each batch to a multiple of this (training.trainer.ROUND)
+
+
+def sequence_layout(cfg, parallel):
+    """The padding layout the trainer will use (training.batching), before initialize() decided
+    sequence parallelism: on when TP > 1 unless set, the larger padding of the two."""
+    from megatron_longact.training.batching import SequenceLayout
+
+    tp = parallel.tensor_model_parallel_size
+    sp = parallel.sequence_parallel if parallel.sequence_parallel is not None else tp > 1
+    return SequenceLayout(tp=tp, cp=parallel.context_parallel_size, sequence_parallel=bool(sp),
+                          fp8=cfg.model.fp8 != "none")
 
 
 @dataclass
@@ -95,7 +105,45 @@ def check_tokenizer(cfg):
     return tokenizer
 
 
-def check_records(cfg, tokenizer) -> list | None:
+def check_rollout_layout(cfg) -> None:
+    """One clear error, before any model exists, for a run that would generate under context
+    parallelism with the native (megatron) engine: megatron's KV-cache decode does not run under
+    CP (Transformer Engine's CP attention asserts on it). Covers RL rollouts and the end-of-run
+    evaluation."""
+    cp = cfg.parallel.context_parallel_size
+    engine = getattr(getattr(cfg, "rollout", None), "engine", "megatron")
+    if cp == 1 or engine != "megatron":
+        return
+    if cfg.train.mode == "rl":
+        what = "RL rollouts"
+    elif cfg.evaluation.lengths:
+        what = "the evaluation at the end of the run (evaluation.lengths)"
+    else:
+        return
+    raise UsageError(f"parallel.context_parallel_size: {cp} with {what}: native generation does not "
+                     "run under context parallelism; use rollout.engine: vllm"
+                     + ("" if cfg.train.mode == "rl" else " or set evaluation.lengths: []"))
+
+
+def check_lm_layout(cfg, parallel) -> None:
+    """LM mode feeds fixed-length batches of ``train.seq_length`` tokens, which must already be a
+    length the layout accepts; LM mode does not split batches over CP ranks."""
+    if cfg.train.mode != "lm":
+        return
+    if parallel.context_parallel_size > 1:
+        raise UsageError(f"parallel.context_parallel_size: {parallel.context_parallel_size} in train.mode "
+                         "lm; the LM smoke-test loop does not split batches over context-parallel "
+                         "ranks (use mode sft or rl, or context_parallel_size 1)")
+    from megatron_longact.config import ConfigError
+    from megatron_longact.training.batching import check_length
+
+    try:
+        check_length(cfg.train.seq_length, sequence_layout(cfg, parallel), "train.seq_length")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def check_records(cfg, tokenizer, parallel=None) -> list | None:
     """Read the data file (jsonl/parquet) and check every record's length, or generate the ruler
     records (built to fit their target length by construction)."""
     from megatron_longact.data.tokenizer import build_model_input, encode_completion
@@ -122,13 +170,16 @@ def check_records(cfg, tokenizer) -> list | None:
         raise UsageError(f"data.path: {path} holds no records")
     if data.max_prompt_length is not None:
         return records  # the trainer filters or truncates long prompts (data.prompt_overflow)
+    from megatron_longact.training.batching import SequenceLayout, padded_length
+
     limit = cfg.model.max_position_embeddings
     rl_new = cfg.rl.max_new_tokens if cfg.train.mode == "rl" else 0
+    layout = sequence_layout(cfg, parallel) if parallel is not None else SequenceLayout()
     too_long = []
     for i, rec in enumerate(records):
         prompt = len(build_model_input(rec, tokenizer, data.prompt).ids)
         answer = len(encode_completion(rec["answer"], tokenizer)) if cfg.sft.steps or cfg.train.mode == "sft" else 0
-        need = -(-(prompt + max(answer, rl_new)) // ROUND) * ROUND
+        need = padded_length(prompt + max(answer, rl_new), layout)
         if need > limit:
             too_long.append((i, rec.get("id", "?"), need))
     if too_long:
@@ -208,6 +259,8 @@ def check_run(cfg, parallel) -> Checked:
     """All of the above, in the order a user would fix them."""
     check_paths(cfg)
     check_evaluation(cfg)
+    check_rollout_layout(cfg)
+    check_lm_layout(cfg, parallel)
     if cfg.train.mode not in ("sft", "rl"):
         return Checked(tokenizer=None, records=None)
     if cfg.model.params_dtype == "fp16":
@@ -217,6 +270,6 @@ def check_run(cfg, parallel) -> Checked:
                          "checkpoint after a loss-scaler skip fails inside megatron); use bf16")
     check_resume(cfg, parallel)
     tokenizer = check_tokenizer(cfg)
-    records = check_records(cfg, tokenizer)
+    records = check_records(cfg, tokenizer, parallel)
     check_reward(cfg, records, tokenizer)
     return Checked(tokenizer=tokenizer, records=records)

@@ -324,3 +324,90 @@ def test_eval_cli_runs_end_to_end(tmp_path):
     loaded = json.loads((tmp_path / "from_ckpt" / "results.json").read_text())
     assert loaded["run"]["checkpoint"] == str(tmp_path / "ckpt")
     assert [s["prediction"] for s in loaded["samples"]] == [s["prediction"] for s in payload["samples"]]
+
+
+def _bounded(runtime):
+    """Rows per forward with and without a memory budget, and the outputs of both."""
+    from megatron_longact.generation import _model_bytes_per_row, generate
+    from megatron_longact.models.builder import build_model
+    from megatron_longact.training.engine import reference_initialize
+    from megatron_longact.generation import ModelParallelGroups
+
+    cfg = _tiny()
+    model, _ = build_model(cfg, runtime.parallel)
+    reference_initialize(model, cfg, seed=11)
+    rows_seen = []
+    model.register_forward_pre_hook(lambda m, args: rows_seen.append(int(args[0].shape[0])))
+    kw = dict(eos_id=TOK.eos_id, pad_id=TOK.pad_id, vocab_size=TOK.vocab_size, sample_ids=[0, 1, 2, 3],
+              max_prompt_spread=100)
+    prompts = PROMPTS + PROMPTS[:1]
+    free = generate(model, prompts, SAMPLED, memory_budget=None, **kw)
+    unbounded_rows = max(rows_seen)
+    rows_seen.clear()
+    width = max(len(p) for p in prompts) + NEW
+    per_row = _model_bytes_per_row(model, ModelParallelGroups.from_parallel_state(), width,
+                                   max(len(p) for p in prompts))
+    bounded = generate(model, prompts, SAMPLED, memory_budget=2 * per_row + per_row // 2, **kw)
+    bounded_rows = max(rows_seen)
+    try:
+        generate(model, prompts, SAMPLED, memory_budget=per_row - 1, **kw)
+        too_small = None
+    except ValueError as exc:
+        too_small = str(exc)
+    return unbounded_rows, bounded_rows, free, bounded, too_small
+
+
+def test_memory_budget_bounds_rows_per_forward_and_keeps_results():
+    unbounded_rows, bounded_rows, free, bounded, too_small = run_distributed(_bounded, timeout=240)[0]
+    assert unbounded_rows == 4 and bounded_rows == 2
+    assert torch.equal(free.responses, bounded.responses) and torch.equal(free.tokens, bounded.tokens)
+    assert torch.allclose(free.log_probs, bounded.log_probs, atol=1e-5)
+    assert too_small is not None and too_small.startswith("memory_budget:")
+
+
+def test_generation_bytes_per_row_by_hand():
+    from megatron_longact.generation import generation_bytes_per_row
+
+    # Llama-3-70B shapes, TP=8, PP=4 (20 layers), a 62k-token prompt + 2k new tokens, bf16.
+    got = generation_bytes_per_row(num_layers=20, hidden_size=8192, ffn_hidden_size=28672,
+                                   num_attention_heads=64, num_query_groups=8, head_dim=128,
+                                   padded_vocab_size=128256, tp=8, width=65536, prefill=63488)
+    kv = 2 * 20 * 65536 * 1 * 128 * 2                       # 640 MiB
+    transient = 63488 * 2 * (2 * 8192 + (8 + 2) * 128 + 8 * 128 + 3 * 28672 // 8)
+    assert got == kv + transient + 8 * 128256
+    assert 3.5 * 2**30 < got < 4.5 * 2**30                   # ~4 GiB per row: 64 rows cannot go at once
+
+
+def test_generate_refuses_a_context_parallel_model():
+    from types import SimpleNamespace
+
+    from megatron_longact.generation import generate
+
+    model = SimpleNamespace(config=SimpleNamespace(context_parallel_size=2))
+    with pytest.raises(NotImplementedError, match="native generation does not run under context parallelism"):
+        generate(model, [[1, 2]], SamplingConfig(), eos_id=0, pad_id=0, vocab_size=10, groups=object())
+
+
+def _fp8_model_generates_in_bf16(runtime):
+    from megatron_longact.generation import generate
+    from megatron_longact.models.builder import build_model
+
+    cfg = _tiny()
+    model, tconfig = build_model(cfg, runtime.parallel)
+    # As if built with model.fp8 (needs Transformer Engine on CUDA). Without TE megatron's FP8
+    # context is a no-op, so make entering it an error: generating at all shows it was not entered.
+    from megatron.core.transformer import transformer_block
+
+    def no_fp8(*args, **kwargs):
+        raise AssertionError("generation entered megatron's FP8 context")
+
+    transformer_block.get_fp8_context = no_fp8
+    tconfig.fp8 = "hybrid"
+    out = generate(model, PROMPTS[:2], SamplingConfig(max_new_tokens=3), eos_id=TOK.eos_id,
+                   pad_id=TOK.pad_id, vocab_size=TOK.vocab_size)
+    return out.response_lengths.tolist(), tconfig.fp8
+
+
+def test_generation_runs_bf16_under_an_fp8_config_and_restores_it():
+    lengths, fp8_after = run_distributed(_fp8_model_generates_in_bf16, timeout=240)[0]
+    assert lengths == [3, 3] and fp8_after == "hybrid"

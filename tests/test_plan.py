@@ -48,6 +48,9 @@ def test_70b_64k_fits_80gb_under_its_layout():
     # More data parallelism only shrinks the optimizer shard.
     bigger = make_plan(run, nodes=16, gpus_per_node=8, opts=PlanOptions(reference_model=True))
     assert bigger.dp == 2 and bigger.worst.peak < plan.worst.peak
+    # Its memory fits, but the native engine cannot generate under CP=2: refused, as by the trainer.
+    assert plan.refusals == ["parallel.context_parallel_size: 2 with RL rollouts: native generation "
+                             "does not run under context parallelism; use rollout.engine: vllm"]
 
 
 def test_fp8_and_8b_configs_fit():
@@ -83,8 +86,8 @@ def test_70b_without_recomputation_or_on_too_few_gpus_does_not_fit():
     ("llama3_70b_grpo_64k.yaml", ["train.seq_length=262144"], 8,
      "train.seq_length: 262144 exceeds model.max_position_embeddings=131072"),
     ("llama3_70b_grpo_64k.yaml", [], 3, "does not divide the world size 24"),
-    ("llama3_70b_grpo_64k.yaml", ["train.global_batch_size=63"], 16,
-     "train.global_batch_size: 63 is not a multiple"),
+    ("llama3_70b_grpo_64k.yaml", ["rl.prompts_per_step=7"], 16,
+     "rl.prompts_per_step: 7 is not a multiple of the data-parallel size 2"),
     ("llama3_70b_grpo_64k.yaml", ["model.make_vocab_size_divisible_by=4"], 8,
      "model.make_vocab_size_divisible_by: 4 is not divisible by parallel.tensor_model_parallel_size=8"),
 ])
@@ -96,12 +99,21 @@ def test_wrong_layouts_fail_with_a_clear_message(config, overrides, nodes, messa
 
 def test_cli_exit_codes_and_report(capsys):
     cfg = str(CONFIGS / "llama3_70b_grpo_64k.yaml")
-    assert plan_cli.main(["--config", cfg, "--nodes", "8", "--reference-model"]) == 0
+    assert plan_cli.main(["--config", cfg, "--nodes", "8", "--reference-model",
+                          "parallel.context_parallel_size=1"]) == 0
     out = capsys.readouterr().out
-    for text in ("TP=8 x PP=4 x CP=2 x DP=1", "128256 padded to 128256", "layers per stage  20",
+    for text in ("TP=8 x PP=4 x CP=1 x DP=2", "128256 padded to 128256", "layers per stage  20",
                  "pipeline bubble", "FITS: fullest GPU", "optimizer", "reference model",
-                 "longact state", "checkpoint"):
+                 "longact state", "checkpoint", "64 sequences/RL step", "rollout (native generation)",
+                 "native generation: 32 rows per DP replica", "log-prob forward"):
         assert text in out, text
+    # The shipped layout (CP=2) with the native engine: the plan is printed, then refused.
+    assert plan_cli.main(["--config", cfg, "--nodes", "8"]) == 2
+    captured = capsys.readouterr()
+    assert "FITS: fullest GPU" in captured.out and "REFUSED: parallel.context_parallel_size: 2" in captured.out
+    assert captured.err.strip() == ("longact-plan: refused: parallel.context_parallel_size: 2 with RL "
+                                    "rollouts: native generation does not run under context "
+                                    "parallelism; use rollout.engine: vllm")
     assert plan_cli.main(["--config", cfg, "--nodes", "2", "parallel.pipeline_model_parallel_size=2",
                           "parallel.context_parallel_size=1"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
@@ -220,3 +232,55 @@ def test_parameter_counts_match_built_models():
         if cfg.tie_word_embeddings:
             pp_total -= cfg.padded_vocab_size * cfg.hidden_size
         assert pp_total == cfg.num_parameters(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# RL runs: batch from the rl section, rollout and log-prob memory
+# ---------------------------------------------------------------------------------------------
+
+def test_rl_batch_comes_from_the_rl_section():
+    """The 70B RL recipe trains 8 prompts x 8 responses = 64 sequences per step; train.global_batch_size
+    (8 by default) is read by LM mode only."""
+    plan = make_plan(_run("llama3_70b_grpo_64k.yaml", "parallel.context_parallel_size=1"), 8, 8)
+    assert plan.numbers["batch"].startswith("64 sequences/RL step (rl.prompts_per_step 8 x rl.group_size 8), "
+                                            "32 per DP rank; 1 optimizer step(s) of 1 per micro-batch x "
+                                            "32 micro-batches x DP 2")
+    two = make_plan(_run("llama3_70b_grpo_64k.yaml", "parallel.context_parallel_size=1",
+                         "rl.mini_batches=2"), 8, 8)
+    assert "2 optimizer step(s) of 1 per micro-batch x 16 micro-batches" in two.numbers["batch"]
+
+
+def test_rollout_memory_of_the_70b_recipe():
+    from megatron_longact.generation import generation_bytes_per_row
+    from megatron_longact.plan import rollout_rows
+
+    run = _run("llama3_70b_grpo_64k.yaml", "parallel.context_parallel_size=1")
+    plan = make_plan(run, 8, 8)
+    per_row = generation_bytes_per_row(num_layers=20, hidden_size=8192, ffn_hidden_size=28672,
+                                       num_attention_heads=64, num_query_groups=8, head_dim=128,
+                                       padded_vocab_size=128256, tp=8, width=65536, prefill=65536 - 2048)
+    for st in plan.stages:
+        rows = st.phases["rollout (native generation)"] // per_row
+        assert st.phases["rollout (native generation)"] == rows * per_row
+        # As many rows as fit in 85% of what the static part leaves, never more than the replica's 32.
+        assert 1 <= rows <= 32 and rows * per_row <= 0.85 * (plan.usable_bytes - st.static_total)
+        assert (rows + 1) * per_row > 0.85 * (plan.usable_bytes - st.static_total)
+    # The reference model (rl.kl_coef > 0) is static memory of RL runs.
+    assert plan.stages[0].static["reference model"] == plan.stages[0].static["weights"]
+    # The old way (all 32 rows of the replica prefilled at once) would need ~130 GiB on one GPU.
+    assert 32 * per_row > 120 * GiB
+    r = rollout_rows(run, plan_layout(run), 1, plan.stages[1].static_total, plan.usable_bytes)
+    assert f"sub-batches of {r['sub_batch']} rows x {r['sub_batches']}" in plan.numbers["rollout"]
+
+
+def plan_layout(run):
+    from megatron_longact.plan import check_layout
+
+    return check_layout(run, 8, 8)
+
+
+def test_a_layout_where_not_one_rollout_row_fits_is_refused():
+    run = _run("llama3_70b_grpo_64k.yaml", "parallel.context_parallel_size=1")
+    plan = make_plan(run, 8, 8, PlanOptions(gpu_memory_gib=36))
+    assert not plan.fits
+    assert "not even one row fits beside the static memory" in plan.numbers["rollout"]

@@ -122,3 +122,47 @@ def test_data_parallel_ranks_gloo():
     shards = [{key: (torch.tensor(loss, dtype=torch.float64), torch.tensor(grad, dtype=torch.float64))
                for key, (loss, grad) in shard_result.items()} for _, shard_result in results]
     _check(whole_batch(*batch), shards)
+
+
+def _cp_worker(runtime, batch):
+    """Each CP rank holds the load-balanced column chunks of every row (one micro-batch)."""
+    from megatron.core import parallel_state
+
+    from megatron_longact.training.batching import cp_positions
+
+    group = parallel_state.get_context_parallel_group()
+    cols = cp_positions(8, 2, parallel_state.get_context_parallel_rank())
+    log_probs, old, adv, mask, ref = batch
+    counts = local_batch_counts(mask)  # of whole responses, before the split
+    out = {}
+    for key in list(_cases()) + ["kl"]:
+        lp_leaf = log_probs.clone().requires_grad_()
+        if key == "kl":
+            loss, _ = kl_loss(lp_leaf[:, cols], ref[:, cols], mask[:, cols], "k3", "seq-mean-token-mean",
+                              cp_group=group, **counts.loss_kwargs())
+        else:
+            name, mode = key
+            loss, _ = policy_loss(name, lp_leaf[:, cols], old[:, cols], adv, mask[:, cols], loss_agg_mode=mode,
+                                  loss_scale_factor=SCALE, cp_group=group, **counts.loss_kwargs())
+        loss.backward()
+        out[key] = (loss.item(), lp_leaf.grad.tolist())
+    return out
+
+
+def test_context_parallel_split_of_each_response_gloo():
+    """Every response's tokens split over 2 CP ranks (chunks 0+3 and 1+2 of 4): the shares add up
+    to the whole-batch loss and the gradients to its gradient, for every loss and mode (GSPO's
+    sequence ratio and seq-mean-token-mean's lengths are over whole responses)."""
+    log_probs, old, adv, mask, ref = make_batch()
+    pad = lambda t: torch.cat([t, torch.zeros(t.shape[0], 1, dtype=t.dtype)], dim=1)  # 7 -> 8 columns
+    batch = (pad(log_probs), pad(old), adv, pad(mask), pad(ref))
+    results = run_distributed(_cp_worker, cp=2, args=(batch,), timeout=180)
+    shards = [{key: (torch.tensor(loss, dtype=torch.float64), torch.tensor(grad, dtype=torch.float64))
+               for key, (loss, grad) in r.items()} for r in results]
+    reference = whole_batch(*batch)
+    for key, (loss, grad) in reference.items():
+        torch.testing.assert_close(shards[0][key][0] + shards[1][key][0], loss, rtol=1e-12, atol=1e-12,
+                                   msg=f"loss of {key}")
+        # Each rank's gradient is non-zero only on its own columns.
+        torch.testing.assert_close(shards[0][key][1] + shards[1][key][1], grad, rtol=1e-12, atol=1e-12,
+                                   msg=f"gradient of {key}")

@@ -4,7 +4,9 @@ Checks the parallel layout against the model and the world size and prints the p
 estimate and the step numbers to check before queueing (see :mod:`megatron_longact.plan` for the
 memory model). Needs no GPU and starts no processes.
 
-Exit status: 0 the layout is valid and fits, 1 valid but over the device memory, 2 invalid.
+Exit status: 0 the layout is valid and fits, 1 valid but over the device memory, 2 invalid (or
+refused, e.g. native generation under context parallelism: the plan is printed, then one line on
+stderr says why).
 """
 
 from __future__ import annotations
@@ -63,12 +65,15 @@ def main(argv=None) -> int:
                            "static_gib": {k: v / 2**30 for k, v in s.static.items()},
                            "phases_gib": {k: v / 2**30 for k, v in s.phases.items()}}
                           for s in plan.stages],
-               "numbers": plan.numbers, "warnings": plan.warnings}
+               "numbers": plan.numbers, "warnings": plan.warnings, "refusals": plan.refusals}
         print(json.dumps(out, indent=2))
     else:
         print(f"longact-plan: {args.config} on {args.nodes} x {args.gpus_per_node} GPUs"
               f"{' (FP8)' if args.fp8 else ''}{' (+ reference model)' if args.reference_model else ''}")
         print(format_plan(plan))
+    if plan.refusals:
+        print(f"longact-plan: refused: {plan.refusals[0]}", file=sys.stderr)
+        return 2
     return 0 if plan.fits else 1
 
 

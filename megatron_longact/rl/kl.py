@@ -58,9 +58,9 @@ def kl_estimate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kind: str 
 
 def kl_loss(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, response_mask: torch.Tensor,
             kind: str = "k3", loss_agg_mode: str = "token-mean", *, clamp: float | None = None,
-            loss_scale_factor: float | None = None, global_num_tokens=None, global_num_seqs=None
-            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """KL to the reference as a loss term, aggregated like the policy loss.
+            loss_scale_factor: float | None = None, global_num_tokens=None, global_num_seqs=None,
+            cp_group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KL to the reference as a loss term, aggregated like the policy loss (``cp_group`` too).
 
     GRPO (arXiv 2402.03300) subtracts beta * KL inside its per-token average, so its total loss is
     ``policy_loss("grpo", ...)[0] + beta * kl_loss(..., kind="k3", loss_agg_mode="seq-mean-token-mean")[0]``;
@@ -75,7 +75,8 @@ def kl_loss(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, response_mask:
         raise ValueError(f"loss_agg_mode: got {loss_agg_mode!r}, expected one of {list(LOSS_AGG_MODES)}")
     kl_BT = kl_estimate(log_probs, ref_log_probs, kind, clamp)
     loss = agg_loss(kl_BT, response_mask, loss_agg_mode, loss_scale_factor=loss_scale_factor,
-                    global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)
+                    global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+                    cp_group=cp_group)
     return loss, _token_mean_metric("kl", kl_BT, response_mask)
 
 

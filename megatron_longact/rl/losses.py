@@ -48,6 +48,14 @@ therefore sum, not average, over micro-batches and DP ranks (megatron-core avera
 DP, so it multiplies the loss by the DP size, or configures the DDP wrapper not to average).
 ``seq-mean-token-sum-norm`` needs no count, but its constant must be the same for every micro-batch,
 so it must be given explicitly in that case.
+
+Context parallelism. Under CP each row's tokens are split over the CP ranks (load-balanced chunks,
+:mod:`megatron_longact.training.batching`), so a response's tokens sit on several ranks. Pass the
+CP group as ``cp_group``: the per-response quantities that span the whole response (its length n_i
+in seq-mean-token-mean, GSPO's sequence log-ratio) are then summed over the group (detached; one
+small all-reduce per call), and the returned loss is this rank's share, so that the sum over CP
+ranks, micro-batches and DP ranks is the whole-batch loss. The global counts stay those of whole
+responses (count them on the full masks, before the CP split).
 """
 
 from __future__ import annotations
@@ -62,7 +70,7 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 
 # Keyword arguments that policy_loss accepts; anything else is a typo and an error.
 POLICY_LOSS_KEYS = ("clip_ratio", "clip_low", "clip_high", "clip_ratio_c", "loss_agg_mode",
-                    "loss_scale_factor", "global_num_tokens", "global_num_seqs")
+                    "loss_scale_factor", "global_num_tokens", "global_num_seqs", "cp_group")
 
 # exp() of a log-ratio past this bound overflows fp32 soon after; beyond it the ratio is treated as
 # a constant (no gradient). verl clamps the token log-ratio at +-20 for the same reason.
@@ -111,13 +119,15 @@ def check_response_tensors(response_mask_BT: torch.Tensor, **tensors: torch.Tens
 
 def agg_loss(loss_BT: torch.Tensor, response_mask_BT: torch.Tensor, loss_agg_mode: str, *,
              loss_scale_factor: float | None = None, global_num_tokens=None,
-             global_num_seqs=None) -> torch.Tensor:
+             global_num_seqs=None, cp_group=None) -> torch.Tensor:
     """Reduce a per-token loss to a scalar; see the module docstring for the four modes.
 
     Without global counts the normalizer is this micro-batch's own count, and a mask that selects no
     token is an error. With either global count given (layout-invariant mode) the mode's count must be
     given, the result is this micro-batch's share of the whole-batch loss, and an empty micro-batch
     contributes 0. ``loss_scale_factor`` is read by ``seq-mean-token-sum-norm`` only.
+    ``cp_group``: the context-parallel group when the rows are CP-local parts of whole responses
+    (module docstring); it needs the global counts.
     """
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode: got {loss_agg_mode!r}, expected one of {list(LOSS_AGG_MODES)}")
@@ -127,6 +137,11 @@ def agg_loss(loss_BT: torch.Tensor, response_mask_BT: torch.Tensor, loss_agg_mod
     if loss_scale_factor is not None and (not _is_number(loss_scale_factor) or not loss_scale_factor > 0):
         raise ValueError(f"loss_scale_factor: got {loss_scale_factor!r}, expected a number > 0 or None")
     global_mode = global_num_tokens is not None or global_num_seqs is not None
+    split = _cp_size(cp_group) > 1
+    if split and not global_mode and not (loss_agg_mode == "seq-mean-token-sum-norm"
+                                          and loss_scale_factor is not None):
+        raise ValueError("cp_group: a context-parallel split needs global_num_tokens/global_num_seqs "
+                         "(counts of whole responses; a CP rank sees only part of each response)")
 
     mask_BT = response_mask_BT.to(loss_BT.dtype)
     masked_BT = loss_BT * mask_BT
@@ -152,6 +167,8 @@ def agg_loss(loss_BT: torch.Tensor, response_mask_BT: torch.Tensor, loss_agg_mod
 
     seq_len_B = mask_BT.sum(-1)
     seq_sum_B = masked_BT.sum(-1)
+    if split and loss_agg_mode == "seq-mean-token-mean":
+        seq_len_B = _cp_sum(seq_len_B.detach(), cp_group)  # n_i of the whole response
     if loss_agg_mode == "seq-mean-token-mean":
         # Responses with no token have seq_sum 0; the clamp only avoids 0/0.
         seq_B = seq_sum_B / seq_len_B.clamp(min=1)
@@ -165,6 +182,19 @@ def agg_loss(loss_BT: torch.Tensor, response_mask_BT: torch.Tensor, loss_agg_mod
     num_seqs = (seq_len_B > 0).sum()
     _require_tokens(num_seqs)
     return seq_B.sum() / num_seqs
+
+
+def _cp_size(cp_group) -> int:
+    from megatron_longact.runtime import collectives
+
+    return 1 if cp_group is None else collectives.size(cp_group)
+
+
+def _cp_sum(x: torch.Tensor, cp_group) -> torch.Tensor:
+    """Sum of a detached per-response tensor over the CP ranks (a fresh tensor)."""
+    from megatron_longact.runtime import collectives
+
+    return collectives.all_reduce(x.detach().clone(), cp_group)
 
 
 def _require_tokens(count: torch.Tensor) -> torch.Tensor:
@@ -197,6 +227,8 @@ class PolicyLossSettings:
     """Response tokens of the whole batch over all DP ranks and micro-batches (token-mean)."""
     global_num_seqs: float | torch.Tensor | None
     """Non-empty responses of the whole batch over all DP ranks and micro-batches (seq-mean-*)."""
+    cp_group: object = None
+    """Context-parallel group over which each response's tokens are split (None: not split)."""
 
     def __post_init__(self):
         if not _is_number(self.clip_low) or not 0 < self.clip_low < 1:
@@ -288,6 +320,7 @@ def resolve_settings(name: str, **cfg) -> PolicyLossSettings:
         loss_scale_factor=cfg.get("loss_scale_factor"),
         global_num_tokens=cfg.get("global_num_tokens"),
         global_num_seqs=cfg.get("global_num_seqs"),
+        cp_group=cfg.get("cp_group"),
     )
 
 
@@ -307,8 +340,8 @@ def policy_loss(name: str, log_probs: torch.Tensor, old_log_probs: torch.Tensor,
         response_mask: ``[B, T]`` 1 for response tokens, 0 for padding (bool or 0/1 numbers).
         **cfg: ``clip_ratio`` (symmetric), ``clip_low`` / ``clip_high`` (asymmetric, override
             ``clip_ratio``), ``clip_ratio_c`` (dual clip, off when None), ``loss_agg_mode``,
-            ``loss_scale_factor``, ``global_num_tokens``, ``global_num_seqs``; unset or None means the
-            default of ``name`` (module docstring).
+            ``loss_scale_factor``, ``global_num_tokens``, ``global_num_seqs``, ``cp_group`` (context
+            parallelism, module docstring); unset or None means the default of ``name``.
 
     Returns:
         ``(loss, metrics)``: a scalar (in float32 at least: log-ratios of bf16 inputs are exponentiated
@@ -340,7 +373,8 @@ def policy_loss(name: str, log_probs: torch.Tensor, old_log_probs: torch.Tensor,
 
     loss_BT, token_stats = spec.fn(log_probs_BT, old_log_probs_BT, advantages_BT, mask_BT, settings)
     loss = agg_loss(loss_BT, mask_BT, settings.loss_agg_mode, loss_scale_factor=settings.loss_scale_factor,
-                    global_num_tokens=settings.global_num_tokens, global_num_seqs=settings.global_num_seqs)
+                    global_num_tokens=settings.global_num_tokens, global_num_seqs=settings.global_num_seqs,
+                    cp_group=settings.cp_group)
     metrics = _metrics(loss, log_probs_BT, old_log_probs_BT, mask_BT, token_stats)
     return loss, metrics
 
@@ -479,8 +513,13 @@ def gspo_loss(log_probs_BT, old_log_probs_BT, advantages_BT, mask_BT, settings):
     log s_i is clamped at +-20 (verl clamps it at 10 above).
     """
     log_ratio_BT = log_probs_BT - old_log_probs_BT
-    seq_len_B = mask_BT.sum(-1).clamp(min=1)
-    log_seq_ratio_B = (log_ratio_BT * mask_BT).sum(-1) / seq_len_B
+    seq_len_B = mask_BT.sum(-1)
+    log_ratio_sum_B = (log_ratio_BT * mask_BT).sum(-1)
+    if _cp_size(settings.cp_group) > 1:
+        # Under context parallelism a response's tokens sit on several ranks: s_i is over all of them.
+        seq_len_B = _cp_sum(seq_len_B, settings.cp_group)
+        log_ratio_sum_B = _cp_sum(log_ratio_sum_B, settings.cp_group)
+    log_seq_ratio_B = log_ratio_sum_B / seq_len_B.clamp(min=1)
     # Value: log s_i on every token; gradient: d log pi(y_it), as in GSPO-token.
     log_ratio_BT = log_probs_BT - log_probs_BT.detach() + log_seq_ratio_B.detach()[:, None]
     ratio_BT = torch.exp(log_ratio_BT.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))

@@ -16,6 +16,18 @@ response) count of the mini-batch, times the number of micro-batches and the dat
 which undoes megatron's division by both; the gradient is then that of the whole mini-batch for
 every layout.
 
+Context parallelism (CP > 1): every CP rank of a data-parallel replica builds the same full batch,
+padded to the layout's length (:mod:`megatron_longact.training.batching`: 2 x CP chunks, sequence
+parallelism, FP8), then keeps its load-balanced part of tokens, labels (shifted before the split),
+loss/response masks, LongAct token masks, old/reference log-probs and position ids. Global counts
+are of whole responses, taken on the full masks. The loss of a CP rank is its partial sum over the
+global count; megatron's schedule multiplies a two-value loss function's loss by CP
+(``schedules.forward_step_calc_loss``) and DDP averages gradients over DP x CP, so the gradient is
+again that of the whole mini-batch. Logged losses and metrics are reduced over the CP group inside
+the loss function, so every CP rank logs the whole rows' values. Teacher-forced log-prob forwards
+run on the CP parts and are gathered back over CP. Generation never runs under CP
+(:func:`megatron_longact.preflight.check_rollout_layout`).
+
 Data order: record ``k`` of the stream is record ``perm_e[k mod N]`` of a permutation drawn from
 (``data.shuffle_seed``, epoch e); step ``t`` uses stream positions ``t*P .. t*P+P-1``. The
 position is a function of the step, so resuming at step t sees the same prompts.
@@ -35,8 +47,6 @@ import torch
 from megatron_longact.config import ConfigError
 from megatron_longact.run_config import RunConfig
 from megatron_longact.runtime import collectives
-
-ROUND = 16  # sequence lengths of a batch are padded to a multiple of this
 
 
 class RecordStream:
@@ -81,18 +91,10 @@ def load_records(cfg: RunConfig, tokenizer) -> list[dict]:
     return records
 
 
-def _pad_batch(seqs: list[list[int]], pad_id: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    width = -(-width // ROUND) * ROUND
-    if width > max_len:
-        raise ConfigError(f"a batch needs {width} positions, more than model.max_position_embeddings="
-                          f"{max_len}; shorten the tasks or raise the limit")
-    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        valid[i, :len(s)] = True
-    return tokens, valid
+def _pad_batch(seqs: list[list[int]], pad_id: int, max_len: int, layout) -> tuple[torch.Tensor, torch.Tensor]:
+    from megatron_longact.training.batching import pad_batch
+
+    return pad_batch(seqs, pad_id, max_len, layout)
 
 
 class Trainer:
@@ -125,6 +127,10 @@ class Trainer:
                   f"{cfg.data.prompt_overflow}: {r.total - r.filtered} records left", flush=True)
         self.stream = RecordStream(records, cfg.data.shuffle_seed)
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.cp, self.cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+        from megatron_longact.training.batching import SequenceLayout
+
+        self.layout = SequenceLayout.of(runtime.parallel, cfg.model)
         self.sft_steps = cfg.sft.steps if cfg.train.mode == "rl" else cfg.train.steps
         self.rl_steps = cfg.train.steps if cfg.train.mode == "rl" else 0
         self.total_steps = self.sft_steps + self.rl_steps
@@ -277,31 +283,55 @@ class Trainer:
             answer = encode_completion(rec["answer"], self.tokenizer)
             seqs.append(prompt + answer)
             loss_masks.append([0] * (len(prompt) - 1) + [1] * len(answer))
-        tokens, valid = _pad_batch(seqs, self.tokenizer.pad_id, cfg.model.max_position_embeddings)
-        mask = torch.zeros(tokens.shape[0], tokens.shape[1] - 1)
+        from megatron_longact.training.batching import shift_left
+
+        tokens, valid = _pad_batch(seqs, self.tokenizer.pad_id, cfg.model.max_position_embeddings,
+                                   self.layout)
+        # Prediction space at the full length S: column t predicts token t + 1.
+        mask = torch.zeros(tokens.shape)
         for i, m in enumerate(loss_masks):
             mask[i, :len(m)] = torch.tensor(m, dtype=torch.float32)
-        labels = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), self.tokenizer.pad_id)], 1)
-        mask = torch.cat([mask, torch.zeros(tokens.shape[0], 1)], 1)
-        # Answer tokens (the loss's normaliser) and every non-padding token the step processes.
+        labels = shift_left(tokens, self.tokenizer.pad_id)
+        # Counted on the full rows (every CP rank holds them), each token once: answer tokens (the
+        # loss's normaliser) and every non-padding token the step processes.
         total, processed = collectives.all_reduce_values([float(mask.sum()), float(valid.sum())],
                                                          _dp_group())
         mb = cfg.train.micro_batch_size
         n_mb = math.ceil(per_rank / mb)
         scale = n_mb * self.dp / float(total)
-        device = self.runtime.device
-        batches = [(tokens[j:j + mb].to(device), labels[j:j + mb].to(device), mask[j:j + mb].to(device))
+        batches = [self._cp_part({"tokens": tokens[j:j + mb], "labels": labels[j:j + mb],
+                                  "mask": mask[j:j + mb], "valid": valid[j:j + mb]})
                    for j in range(0, per_rank, mb)]
         if cfg.sft.lr is not None:
             # Set after the scheduler's last update, read by this step's optimizer update.
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = cfg.sft.lr * group.get("lr_mult", 1.0)
-        out = train_step(self.engine, partial(_sft_forward_step, scale), iter(batches), len(batches),
-                         tokens.shape[1], mb)
+        out = train_step(self.engine, partial(_sft_forward_step, scale, _cp_group(self.cp)),
+                         iter(batches), len(batches), tokens.shape[1], mb)  # megatron divides by CP
         self._after_update(out)
         loss = reduce_last_stage_mean([float(d["sft_loss"]) for d in out["losses"]])
         return {"sft/loss": loss, "train/grad_norm": out["grad_norm"], "train/lr": out["lr"],
                 "perf/tokens": float(processed), "train/skipped_updates": float(out["skipped"])}
+
+    def _cp_part(self, tensors: dict) -> dict:
+        """This CP rank's part of each full-sequence ``[b, S]`` tensor (dim 1 split), plus the
+        global ``position_ids`` of its tokens; ``[b]`` tensors (advantages) pass unchanged. On the
+        training device."""
+        from megatron_longact.training.batching import cp_positions, split_for_cp
+
+        out = {}
+        S = None
+        for k, v in tensors.items():
+            if v is None:
+                continue
+            if v.dim() >= 2:
+                S = v.shape[1]
+                v = split_for_cp(v, self.cp, self.cp_rank)
+            out[k] = v.to(self.runtime.device)
+        rows = out["tokens"].shape[0]
+        out["position_ids"] = cp_positions(S, self.cp, self.cp_rank).unsqueeze(0).expand(rows, -1) \
+            .to(self.runtime.device)
+        return out
 
     def _after_update(self, out: dict) -> None:
         from megatron_longact.training.resilience import discard_step_statistics
@@ -436,16 +466,22 @@ class Trainer:
         n = len(batch["prompts"])
         t_rollout = time.monotonic() - t0
 
-        # Full sequences (prompt + response) and the response positions, in prediction space:
-        # column j of a [n, S-1] tensor is the prediction of token j+1.
+        from megatron_longact.training.batching import shift_left
+
+        # Full sequences (prompt + response) padded for the layout, and the response positions.
+        # Masks and log-probs in prediction space keep the full width S (column j predicts token
+        # j+1, the last column predicts nothing) so that the CP split cuts them like the tokens.
         seqs = [batch["prompts"][i] + gen.response_ids(i) for i in range(n)]
-        tokens, valid = _pad_batch(seqs, self.tokenizer.pad_id, cfg.model.max_position_embeddings)
+        tokens, valid = _pad_batch(seqs, self.tokenizer.pad_id, cfg.model.max_position_embeddings,
+                                   self.layout)
         S = tokens.shape[1]
         resp_BS = torch.zeros(n, S, dtype=torch.bool)
         for i in range(n):
             p, r = len(batch["prompts"][i]), int(gen.response_lengths[i])
             resp_BS[i, p:p + r] = True
-        resp_mask = resp_BS[:, 1:].float()
+        labels = shift_left(tokens, self.tokenizer.pad_id)
+        resp_pred = shift_left(resp_BS, False)
+        resp_mask = resp_pred.float()
         if rl.overlong_filter:
             resp_mask = overlong_filter(resp_mask, gen.truncated.bool())
         advantage_name = rl.advantage or ("dr_grpo" if rl.algorithm == "dr_grpo" else "grpo")
@@ -455,15 +491,17 @@ class Trainer:
         # old ones and no forward runs here (rl/on_policy.py); micro-batches then carry no old_lp.
         old_lp = None
         if needs_old_log_prob_forward(rl.ppo_epochs, rl.mini_batches, rl.old_log_probs):
-            old_lp = sequence_log_probs(self.engine.model[0], tokens.to(self.runtime.device),
-                                        vocab_size=self.tokenizer.vocab_size, temperature=rl.temperature,
-                                        micro_batch_size=cfg.train.micro_batch_size, groups=groups).cpu()
+            old_lp = _full_width(sequence_log_probs(
+                self.engine.model[0], tokens.to(self.runtime.device), vocab_size=self.tokenizer.vocab_size,
+                temperature=rl.temperature, micro_batch_size=cfg.train.micro_batch_size, groups=groups,
+                cp_group=_cp_group(self.cp)).cpu())
         # Reference log-probs for the KL term (rl.kl_coef > 0); zeros stand in otherwise.
-        ref_lp = torch.zeros(n, S - 1)
+        ref_lp = torch.zeros(n, S)
         if self.ref_model is not None:
-            ref_lp = sequence_log_probs(self.ref_model, tokens.to(self.runtime.device),
-                                        vocab_size=self.tokenizer.vocab_size, temperature=rl.temperature,
-                                        micro_batch_size=cfg.train.micro_batch_size, groups=groups).cpu()
+            ref_lp = _full_width(sequence_log_probs(
+                self.ref_model, tokens.to(self.runtime.device), vocab_size=self.tokenizer.vocab_size,
+                temperature=rl.temperature, micro_batch_size=cfg.train.micro_batch_size, groups=groups,
+                cp_group=_cp_group(self.cp)).cpu())
 
         loss_cfg = {k: getattr(rl, k) for k in ("clip_ratio", "clip_low", "clip_high", "clip_ratio_c",
                                                 "loss_agg_mode", "loss_scale_factor")
@@ -481,16 +519,16 @@ class Trainer:
                 counts = global_batch_counts(resp_mask[rows], _dp_group())
                 n_mb = math.ceil(per_mini / mb)
                 scale = n_mb * self.dp
-                device = self.runtime.device
                 mbs = []
                 for j in range(rows.start, rows.stop, mb):
                     sl = slice(j, min(j + mb, rows.stop))
-                    mbs.append({k: v[sl].to(device) for k, v in dict(
-                        tokens=tokens, valid=valid, resp_BS=resp_BS, resp_mask=resp_mask,
-                        old_lp=old_lp, ref_lp=ref_lp, adv=adv).items() if v is not None})
+                    mbs.append(self._cp_part({k: v[sl] for k, v in dict(
+                        tokens=tokens, labels=labels, valid=valid, resp_BS=resp_BS, resp_mask=resp_mask,
+                        old_lp=old_lp, ref_lp=ref_lp, adv=adv).items() if v is not None}))
                 fwd = partial(_rl_forward_step, self.handle, rl.algorithm, loss_cfg,
                               counts.loss_kwargs(), scale, self.tokenizer.vocab_size, rl.temperature,
-                              (rl.kl_coef, rl.kl_estimator) if self.ref_model is not None else None)
+                              (rl.kl_coef, rl.kl_estimator) if self.ref_model is not None else None,
+                              _cp_group(self.cp))
                 out = train_step(self.engine, fwd, iter(mbs), len(mbs), S, mb)
                 self._after_update(out)
                 skipped += int(out["skipped"])
@@ -505,7 +543,7 @@ class Trainer:
         # Policy entropy, Monte-Carlo estimate: mean -log p (at the sampling temperature) of the
         # sampled response tokens under the policy that sampled them (old_lp, teacher-forced).
         if old_lp is not None:
-            entropy_sum = float(-(old_lp * resp_BS[:, 1:].float()).sum())
+            entropy_sum = float(-(old_lp * resp_pred.float()).sum())
         else:
             # On-policy runs skip that forward: the sampler's log-probs of the same tokens (the
             # same temperature, before top-k/top-p) give the same estimate.
@@ -515,7 +553,7 @@ class Trainer:
         local = collectives.all_reduce_values(
             [scores.sum(), (scores >= 1.0).float().sum(), rewards.sum(),
              gen.response_lengths.float().sum(), float(n), float(valid.sum()), float(batch["tries"]),
-             entropy_sum, float(resp_BS[:, 1:].sum())],
+             entropy_sum, float(resp_pred.sum())],
             _dp_group())
         count = float(local[4])
         metrics.update({
@@ -697,24 +735,66 @@ def _dp_group():
     return ps.get_data_parallel_group()
 
 
-def _sft_forward_step(scale, data_iterator, model):
-    tokens, labels, mask = next(data_iterator)
-    position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    output = model(tokens, position_ids, None, labels=labels)
+def _cp_group(cp: int):
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_group() if cp > 1 else None
+
+
+def _full_width(lp_BS1: torch.Tensor) -> torch.Tensor:
+    """[B, S-1] log-probs (column t predicts token t+1) to the full width S, last column 0."""
+    return torch.cat([lp_BS1, torch.zeros(lp_BS1.shape[0], 1, dtype=lp_BS1.dtype)], dim=1)
+
+
+# How CP ranks combine per-micro-batch metrics of their parts into the whole rows' value: shares of
+# a sum add up, extremes take the extreme, everything else is a token mean weighted by the rank's
+# tokens. num_seqs is recounted on whole rows by the caller.
+_CP_SUM = ("pg_loss", "sft_loss", "num_tokens")
+_CP_MIN = ("ratio_min",)
+_CP_MAX = ("ratio_max",)
+
+
+def _cp_reduce_metrics(metrics: dict, cp_group, num_tokens=None) -> dict:
+    """Detached per-micro-batch metrics of this CP rank's part -> those of the whole rows, on every
+    CP rank of ``cp_group`` (None: unchanged). ``num_tokens`` weights the token means."""
+    if cp_group is None:
+        return metrics
+    names = sorted(metrics)
+    sums = [k for k in names if k not in _CP_MIN + _CP_MAX]
+    weight = (num_tokens if num_tokens is not None else torch.ones(())).float()
+    vals = torch.stack([metrics[k].float() * (1.0 if k in _CP_SUM else weight) for k in sums] + [weight])
+    collectives.all_reduce(vals, cp_group)
+    total_w = vals[-1].clamp(min=1.0)
+    out = {k: (v if k in _CP_SUM else v / total_w) for k, v in zip(sums, vals[:-1])}
+    for keys, op in ((_CP_MIN, "min"), (_CP_MAX, "max")):
+        present = [k for k in names if k in keys]
+        if present:
+            t = torch.stack([metrics[k].float() for k in present])
+            collectives.all_reduce(t, cp_group, op)
+            out.update(zip(present, t))
+    return out
+
+
+def _sft_forward_step(scale, cp_group, data_iterator, model):
+    mb = next(data_iterator)
+    tokens, labels, mask = mb["tokens"], mb["labels"], mb["mask"]
+    output = model(tokens, mb["position_ids"], None, labels=labels)
 
     def loss_func(output_tensor):
-        # Local sum / global token count, times (micro-batches x DP) to undo megatron's averaging;
-        # the mean of these values over micro-batches and DP ranks is the global per-token loss.
+        # Local sum / global token count, times (micro-batches x DP) to undo megatron's averaging
+        # (megatron multiplies by CP itself); the mean of the logged values over micro-batches and
+        # DP ranks is the global per-token loss.
         loss = (output_tensor.float() * mask).sum() * scale
-        return loss, {"sft_loss": loss.detach().clone()}
+        return loss, _cp_reduce_metrics({"sft_loss": loss.detach().clone()}, cp_group)
 
     return output, loss_func
 
 
-def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, temperature, kl,
+def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, temperature, kl, cp_group,
                      data_iterator, model):
     """One micro-batch of the policy loss (plus ``kl = (coef, estimator)`` times the KL to the
-    reference, aggregated with the policy loss's mode and global counts, as GRPO adds it)."""
+    reference, aggregated with the policy loss's mode and global counts, as GRPO adds it). The
+    tensors of the micro-batch are this CP rank's parts (``cp_group`` None without CP)."""
     from megatron_longact.generation import vocab_parallel_log_probs
     from megatron_longact.rl.kl import kl_loss
     from megatron_longact.rl.losses import policy_loss, resolve_settings
@@ -723,25 +803,31 @@ def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, tem
     tokens = mb["tokens"]
     if handle is not None:
         handle.begin_microbatch(mb["valid"], mb["resp_BS"])
-    position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    output = model(tokens, position_ids, None)
+    output = model(tokens, mb["position_ids"], None)
 
     def loss_func(logits_BSV):
-        logp = vocab_parallel_log_probs(logits_BSV[:, :-1], tokens[:, 1:], vocab_size=vocab_size,
-                                        temperature=temperature)
+        # Labels were shifted before the CP split: column t of this part predicts labels[t]; the
+        # full row's last column predicts nothing (masked) and its pad label is clamped.
+        logp = vocab_parallel_log_probs(logits_BSV, mb["labels"].clamp(max=vocab_size - 1),
+                                        vocab_size=vocab_size, temperature=temperature)
         # No old_lp: the update is on-policy and pi_old is this very forward (rl/on_policy.py).
         old_lp = mb["old_lp"] if "old_lp" in mb else logp.detach()
         loss, metrics = policy_loss(algorithm, logp, old_lp, mb["adv"], mb["resp_mask"],
-                                    **loss_cfg, **counts)
+                                    cp_group=cp_group, **loss_cfg, **counts)
         if kl is not None:
             coef, estimator = kl
             mode = resolve_settings(algorithm, **loss_cfg).loss_agg_mode
             kl_term, kl_metrics = kl_loss(logp, mb["ref_lp"], mb["resp_mask"], estimator, mode,
                                           loss_scale_factor=loss_cfg.get("loss_scale_factor"),
-                                          **counts)
+                                          cp_group=cp_group, **counts)
             loss = loss + coef * kl_term
             metrics = {**metrics, **kl_metrics}
         out = {k: v.detach().float().clone() for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        if cp_group is not None:
+            out = _cp_reduce_metrics(out, cp_group, num_tokens=out.get("num_tokens"))
+            # A response whose tokens sit on several CP ranks is one response.
+            nonempty_B = (mb["resp_mask"] > 0).any(-1).float()
+            out["num_seqs"] = collectives.all_reduce(nonempty_B, cp_group, "max").sum()
         return loss * scale, out
 
     return output, loss_func

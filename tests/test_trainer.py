@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def _config(tmp: str, out: str, **over):
     from megatron_longact.run_config import load_run_config
 
-    path = Path(tmp) / "run.yaml"
+    # One file per rank: ranks of one test write their configs at the same time.
+    path = Path(tmp) / f"run{os.environ.get('RANK', '0')}.yaml"
     path.write_text(f"include: {ROOT / 'configs/model/tiny.yaml'}\n")
     overrides = {
         "train.mode": "rl", "train.steps": 2, "train.micro_batch_size": 4, "train.lr": 1e-3,

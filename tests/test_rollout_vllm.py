@@ -205,6 +205,7 @@ def test_trainer_with_vllm_engine(tmp_path, layout):
         over["train.steps"] = 2
     else:
         over["rollout.is_correction"] = "tis"  # on at 1 rank, off (the default) at DP=2 / TP=2
+        over.update({"evaluation.lengths": "[160]", "evaluation.num_samples": 2})  # eval via vLLM
     results = run_distributed(_train_vllm, args=(str(tmp_path), over), timeout=1200, **layout)
     history, log = results[0]
     steps = 3 if not layout else 2
@@ -224,6 +225,8 @@ def test_trainer_with_vllm_engine(tmp_path, layout):
     assert [x for x in log if x[0] == "stale"] == [("stale", s, False) for s in range(1, steps + 1)]
     for other, _ in results[1:]:
         assert [h["rl/reward"] for h in other] == [h["rl/reward"] for h in history]
+    if not layout:
+        assert (tmp_path / "out" / "eval" / "results.md").is_file()
 
 
 def _sigterm_then_resume(runtime, tmp):

@@ -78,17 +78,19 @@ class MegatronEngine(RolloutEngine):
 
     name = "megatron"
 
-    def __init__(self, model, *, eos_id: int, pad_id: int, vocab_size: int, groups=None):
+    def __init__(self, model, *, eos_id: int, pad_id: int, vocab_size: int, groups=None,
+                 kv_cache: bool = True):
         super().__init__()
         self.model, self.eos_id, self.pad_id, self.vocab_size = model, eos_id, pad_id, vocab_size
-        self.groups = groups
+        self.groups, self.kv_cache = groups, kv_cache
 
     def generate(self, prompts, sampling, *, sample_ids=None) -> GenerationOutput:
         from megatron_longact.generation import ModelParallelGroups, generate
 
         groups = self.groups or ModelParallelGroups.from_parallel_state()
         return generate(self.model, prompts, sampling, eos_id=self.eos_id, pad_id=self.pad_id,
-                        vocab_size=self.vocab_size, sample_ids=sample_ids, groups=groups)
+                        vocab_size=self.vocab_size, sample_ids=sample_ids, groups=groups,
+                        kv_cache=self.kv_cache)
 
     def _push_weights(self) -> None:
         pass
@@ -129,12 +131,13 @@ def check_rollout(cfg) -> None:
 
 
 def build_engine(rollout, *, model, model_cfg, tokenizer, max_model_len: int, work_dir,
-                 seed: int) -> RolloutEngine:
+                 seed: int, kv_cache: bool = True) -> RolloutEngine:
     """The engine ``rollout`` (a :class:`~megatron_longact.rollout.config.RolloutConfig`) names,
-    for this rank; every rank calls this (the vLLM engines gather the weights collectively)."""
+    for this rank; every rank calls this (the vLLM engines gather the weights collectively).
+    ``kv_cache``: the megatron engine's generation mode (generation.generate)."""
     common = dict(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
     if rollout.engine == "megatron":
-        return MegatronEngine(model, **common)
+        return MegatronEngine(model, kv_cache=kv_cache, **common)
     from megatron_longact.errors import UsageError
 
     if not vllm_available():

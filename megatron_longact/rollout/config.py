@@ -45,7 +45,7 @@ class RolloutConfig:
     """vllm_server: base URLs of the servers (``http://host:port``); prompts are spread over them."""
     weights_dir: str | None = None
     """vllm_server: folder on storage the servers can read, where each push writes the weights
-    (safetensors); None: ``<output.dir>/rollout_weights``."""
+    (safetensors); None: ``<output.dir>/rollout/weights``."""
     request_timeout: float = 600.0
     """vllm_server: seconds to wait for one HTTP request."""
     is_correction: Literal["none", "tis"] = "none"

@@ -36,8 +36,8 @@ def generation(args, runtime, cfg, tmp) -> None:
     trainer = Trainer(cfg, runtime)
     prompts = [trainer._prompt(trainer.stream[i]) for i in range(args.prompts)]
     model = trainer.engine.model[0]
-    # No EOS stop (an id no sample can produce): both engines generate exactly new_tokens each.
-    tok = type("Tok", (), dict(eos_id=cfg.model.vocab_size + 10, pad_id=trainer.tokenizer.pad_id,
+    # No EOS stop (a negative id): both engines generate exactly new_tokens per prompt.
+    tok = type("Tok", (), dict(eos_id=-1, pad_id=trainer.tokenizer.pad_id,
                                vocab_size=trainer.tokenizer.vocab_size, bos_id=None))()
     engines = {name: build_engine(RolloutConfig(engine=name), model=model, model_cfg=cfg.model,
                                   tokenizer=tok, max_model_len=cfg.model.max_position_embeddings,

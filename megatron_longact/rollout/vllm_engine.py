@@ -51,8 +51,10 @@ def _row_seed(seed: int, sample_id: int) -> int:
 
 def sampling_params_kwargs(sampling, eos_id: int, sample_ids) -> list[dict]:
     """vLLM ``SamplingParams`` fields, one dict per row (plain data: they cross processes)."""
-    base = dict(max_tokens=sampling.max_new_tokens, stop_token_ids=[eos_id], logprobs=0,
-                temperature=float(sampling.temperature), detokenize=False)
+    # Our EOS id stops a row (a negative id: nothing does); the model config's own EOS is ignored,
+    # as megatron's sampler knows only ours.
+    base = dict(max_tokens=sampling.max_new_tokens, stop_token_ids=[eos_id] if eos_id >= 0 else [],
+                ignore_eos=True, logprobs=0, temperature=float(sampling.temperature), detokenize=False)
     if sampling.temperature > 0:
         base.update(top_p=float(sampling.top_p), top_k=int(sampling.top_k) if sampling.top_k else -1)
     return [dict(base, seed=_row_seed(sampling.seed, s)) if sampling.temperature > 0 else dict(base)

@@ -36,7 +36,8 @@ class RolloutEngine:
 
     def __init__(self, sync_interval: int = 1):
         self.sync_interval = sync_interval
-        self.stale = False
+        self.stale = False       # the policy moved since the last push
+        self.must_sync = False   # ... in a way rollouts may not lag behind (not an RL step)
         self.syncs = 0
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
@@ -49,20 +50,27 @@ class RolloutEngine:
     def sync_weights(self) -> None:
         """Push the policy's current weights (collective over every rank)."""
         self._push_weights()
-        self.stale = False
+        self.stale = self.must_sync = False
         self.syncs += 1
 
     def after_update(self, rl_steps_done: int) -> bool:
-        """Called after every optimizer step of RL; syncs every ``sync_interval`` steps. Returns
-        whether it synced."""
+        """Called after every RL step (its optimizer steps); syncs every ``sync_interval`` RL
+        steps, so rollouts lag at most ``sync_interval - 1`` steps behind. Returns whether it
+        synced."""
         self.stale = True
         if rl_steps_done % self.sync_interval == 0:
             self.sync_weights()
             return True
         return False
 
-    def ensure_synced(self) -> None:
-        if self.stale:
+    def invalidate(self) -> None:
+        """The weights changed outside RL (an SFT step, a load): sync before the next rollout."""
+        self.stale = self.must_sync = True
+
+    def ensure_synced(self, strict: bool = False) -> None:
+        """Sync when a rollout may not use the engine's weights (``must_sync``), or with
+        ``strict`` (evaluation) whenever they are not the policy's."""
+        if self.must_sync or (strict and self.stale):
             self.sync_weights()
 
     def pids(self) -> list[int]:

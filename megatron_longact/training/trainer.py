@@ -608,6 +608,7 @@ class Trainer:
         from megatron_longact.tasks.suite import evaluate
 
         engine = self._rollout_engine()
+        engine.ensure_synced(strict=True)  # evaluate the policy itself, not a lagging copy
 
         def generate_fn(texts, max_new_tokens):
             prompts = [encode_prompt_text(t, self.tokenizer, self.cfg.data.prompt) for t in texts]
@@ -697,7 +698,7 @@ class Trainer:
                     if self.step > self.sft_steps:
                         self.rollout.after_update(self.step - self.sft_steps)
                     else:
-                        self.rollout.stale = True
+                        self.rollout.invalidate()
                 interval = self.cfg.checkpoint.interval
                 self.finish_save(blocking=False)
                 if self._stop_requested():

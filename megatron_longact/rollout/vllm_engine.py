@@ -296,8 +296,11 @@ class VLLMEngine(RolloutEngine):
                                  f"local GPU {local} on, but this node has {len(visible)}")
             env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[local:local + c.tensor_parallel_size])
         else:
+            # The engine computes while the host waits for it: give it the host's threads (vLLM
+            # drops to one thread unless OMP_NUM_THREADS says otherwise).
             env.update(VLLM_CPU_KVCACHE_SPACE=str(c.kv_cache_gib),
-                       VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
+                       VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+                       OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads())))
         return {"llm": llm, "env": env}
 
     def _push_weights(self) -> None:

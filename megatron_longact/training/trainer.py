@@ -1,12 +1,14 @@
 """The SFT and RL trainer behind ``longact-train`` (modes ``sft`` and ``rl``).
 
 One optimizer step of RL (GRPO/DAPO family), every phase through megatron-core:
-1. rollouts: this data-parallel rank's prompts, ``rl.group_size`` responses each, sampled by the
-   policy itself (:func:`megatron_longact.generation.generate`, megatron's KV cache), LongAct
-   statistics paused;
+1. rollouts: this data-parallel rank's prompts, ``rl.group_size`` responses each, from the
+   rollout engine (``rollout.engine``, :mod:`megatron_longact.rollout`: the policy itself with
+   megatron's KV cache, or vLLM synced with it after every ``rollout.sync_interval`` steps),
+   LongAct statistics paused;
 2. rewards from the task records (``rl.reward``), DAPO shaping (dynamic sampling, overlong
    filtering and soft punishment) when configured, group advantages;
-3. old log-probs recomputed teacher-forced (so the first ratio is exactly 1);
+3. old log-probs recomputed teacher-forced (so the first ratio is exactly 1; always with a vLLM
+   engine, whose own log-probs only feed the mismatch metric and the IS correction);
 4. ``rl.ppo_epochs`` x ``rl.mini_batches`` optimizer steps of the policy loss through megatron's
    forward-backward schedule, DDP and DistributedOptimizer, with LongAct statistics collected on
    these update passes and its masks applied inside the optimizer.

@@ -17,9 +17,10 @@ Who hosts what (docs/rollout.md has the picture):
   in place (vLLM's ``reload_weights``) and resets its prefix cache (stale KV of the old weights
   would otherwise be reused). The engine is never restarted.
 
-Transport: the tensors cross the process boundary through ``torch.multiprocessing`` pickling,
-which shares a CPU tensor's storage through shared memory and a CUDA tensor's through a CUDA IPC
-handle; the code is the same for both, only the tensors' device differs. With engine tensor
+Transport (:func:`pack_tensors`): CPU tensors cross the process boundary through
+``torch.multiprocessing`` pickling (their storage through shared memory), CUDA tensors as CUDA IPC
+handles that the engine opens on its own device numbering; the rest of the path is the same for
+both. With engine tensor
 parallelism > 1 (GPU), vLLM's own workers sit behind the engine and take no tensors, so the host
 writes a safetensors folder in ``/dev/shm`` and the engine reloads from that path (the transport
 of the server mode, tested there).
@@ -110,6 +111,38 @@ def write_safetensors(folder: Path, items) -> None:
     tmp.rename(folder / "model.safetensors")
 
 
+def pack_tensors(items) -> list[tuple[str, str, object]]:
+    """HF ``(name, tensor)`` pairs as they cross to the engine process. CPU tensors go as they are
+    (``torch.multiprocessing`` moves their storage through shared memory); CUDA tensors as CUDA
+    IPC handles (:func:`unpack_tensors` re-targets them to the engine's device numbering)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    out = []
+    for name, t in items:
+        if t.is_cuda:
+            out.append((name, "cuda_ipc", reduce_tensor(t)))
+        else:
+            out.append((name, "tensor", t))
+    return out
+
+
+def unpack_tensors(packed) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of :func:`pack_tensors`, in the engine process."""
+    items = []
+    for name, kind, value in packed:
+        if kind == "cuda_ipc":
+            rebuild, args = value
+            args = list(args)
+            # Argument 6 of torch's rebuild_cuda_tensor is the producer's device index; the engine
+            # sees the same GPU under another index (its CUDA_VISIBLE_DEVICES starts at the
+            # host's GPU), so point it at the engine's own current device.
+            args[6] = torch.cuda.current_device()
+            items.append((name, rebuild(*args)))
+        else:
+            items.append((name, value))
+    return items
+
+
 # --------------------------------------------------------------------------------------------------
 # The engine process
 
@@ -153,8 +186,10 @@ def _engine_main(conn, settings: dict) -> None:
                 sleeping = False
             t0 = time.monotonic()
             if kind == "load":
-                llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(msg[1]),
+                items = unpack_tensors(msg[1])
+                llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items,
                                                             "is_checkpoint_format": True})
+                del items
                 llm.reset_prefix_cache()
                 reply = time.monotonic() - t0
             elif kind == "load_path":
@@ -315,7 +350,8 @@ class VLLMEngine(RolloutEngine):
                 finally:
                     shutil.rmtree(shm, ignore_errors=True)
             else:
-                self.process.request("load", items)
+                # The host keeps ``items`` alive until the engine answered (IPC handles).
+                self.process.request("load", pack_tensors(items))
         self.last_sync_seconds = time.monotonic() - t0
 
     def generate(self, prompts, sampling, *, sample_ids=None) -> GenerationOutput:

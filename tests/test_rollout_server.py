@@ -59,6 +59,7 @@ def server(tmp_path_factory):
                 time.sleep(2)
         yield url
     finally:
+        children = _descendants(proc.pid)  # vLLM's engine-core process and its workers
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
@@ -66,7 +67,24 @@ def server(tmp_path_factory):
             proc.kill()
             proc.wait()
         log.close()
-        assert not _alive(proc.pid)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _alive(proc.pid) and not [p for p in children if _alive(p)]
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(x) for x in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
 
 
 def _one_step(runtime, tmp, url):

@@ -22,9 +22,11 @@ class RolloutConfig:
 
     engine: Literal["megatron", "vllm", "vllm_server"] = "megatron"
     sync_interval: int = 1
-    """Push the policy's weights to the engine after every this many optimizer steps (RL steps).
-    Between pushes the rollouts are off-policy by up to ``sync_interval - 1`` steps; the old
-    log-probs of the ratio are always recomputed by megatron, so the PPO ratio stays exact."""
+    """Push the policy's weights to the engine after every this many RL steps (an RL step ends
+    with its ``rl.ppo_epochs x rl.mini_batches`` optimizer steps; rollouts only happen between RL
+    steps, so pushing inside one would be wasted). Between pushes the rollouts lag by up to
+    ``sync_interval - 1`` steps; the old log-probs of the ratio are always recomputed by megatron,
+    and the lag shows in ``rollout/mismatch_*``."""
     gpu_memory_utilization: float = 0.5
     """vllm: fraction of GPU memory the engine may take (weights + KV cache), next to training."""
     kv_cache_gib: int = 1

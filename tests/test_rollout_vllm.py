@@ -272,3 +272,37 @@ def test_sigterm_during_rollout_saves_and_resume_syncs_the_engine(tmp_path):
     assert [h["step"] for h in rest] == [1, 2]
     # The resumed engine computes with the checkpoint's weights, and keeps syncing.
     assert [x for x in log if x[0] != "stale"] == [("built", 1, True), ("before_step", 2, True)]
+
+
+def _host_that_forgets_to_close(folder, out):
+    import os as _os
+
+    from megatron_longact.rollout.vllm_engine import EngineProcess
+
+    engine = EngineProcess({"llm": dict(model=folder, dtype="float32", enforce_eager=True,
+                                        skip_tokenizer_init=True, max_model_len=256,
+                                        load_format="dummy"),
+                            "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+                                    "VLLM_CPU_OMP_THREADS_BIND": "nobind"}})
+    out.put(engine.pid)
+    raise RuntimeError("the host fails without closing its engine")
+
+
+def test_a_host_that_fails_exits_and_takes_its_engine_along(tmp_path):
+    import multiprocessing as mp
+
+    from megatron_longact.rollout.vllm_engine import write_hf_config
+
+    write_hf_config(tmp_path / "m", _model_cfg(), eos_id=2, bos_id=None, dtype="float32")
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    host = ctx.Process(target=_host_that_forgets_to_close, args=(str(tmp_path / "m"), out))
+    host.start()
+    pid = out.get(timeout=600)
+    host.join(timeout=120)  # without the exit handler it waits for the engine forever
+    stuck = host.is_alive()
+    if stuck:
+        host.kill()
+        host.join()
+    assert not stuck and host.exitcode == 1
+    assert not _alive(pid)

@@ -32,6 +32,7 @@ verl's hybrid engine does; sleep is a no-op on CPU.
 
 from __future__ import annotations
 
+import multiprocessing.util as mp_util
 import os
 import shutil
 import time
@@ -231,9 +232,19 @@ class EngineProcess:
                                 name="longact-vllm-engine")
         self.proc.start()
         child.close()
-        kind, value = self._recv(start_timeout, "start")
+        # A host leaving by an exception without close() would otherwise hang at exit:
+        # multiprocessing joins non-daemonic children at exit, and the engine waits for requests.
+        # Its finalizers with an exit priority run before that join (in a main process and in a
+        # multiprocessing child alike, where atexit handlers never run).
+        self._finalizer = mp_util.Finalize(self, _stop_engine, args=(self.proc, self.conn),
+                                           exitpriority=10)
+        try:
+            kind, value = self._recv(start_timeout, "start")
+        except BaseException:
+            self.close()
+            raise
         if kind != "ready":
-            self.kill()
+            self.close()
             raise RuntimeError(f"rollout: the vLLM engine failed to start:\n{value}")
         self.pid = value
 
@@ -254,21 +265,25 @@ class EngineProcess:
             raise RuntimeError(f"rollout: the vLLM engine failed on {msg[0]!r}:\n{value}")
         return value
 
-    def kill(self) -> None:
-        if self.proc.is_alive():
-            self.proc.kill()
-        self.proc.join(timeout=10)
+    def close(self) -> None:
+        self._finalizer()  # runs _stop_engine once
 
-    def close(self, timeout: float = 30.0) -> None:
-        if self.proc.is_alive():
-            try:
-                self.conn.send(("close",))
-                self._recv(timeout, "close")
-            except (OSError, EOFError, RuntimeError, TimeoutError):
-                pass
-            self.proc.join(timeout=timeout)
-        self.kill()
-        self.conn.close()
+
+def _stop_engine(proc, conn, timeout: float = 30.0) -> None:
+    """Ask the engine process to finish, then make sure it did (module level: a finalizer must
+    not hold its object)."""
+    if proc.is_alive():
+        try:
+            conn.send(("close",))
+            if conn.poll(timeout):
+                conn.recv()
+        except (OSError, EOFError):
+            pass
+        proc.join(timeout=timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(timeout=10)
+    conn.close()
 
 
 class VLLMEngine(RolloutEngine):

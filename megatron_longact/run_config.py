@@ -11,6 +11,7 @@ from megatron_longact.config import ConfigError, check_choice, deep_merge, from_
     normalize_aliases, parse_overrides
 from megatron_longact.longact.config import LongActConfig
 from megatron_longact.models.config import ModelConfig
+from megatron_longact.rollout.config import RolloutConfig
 from megatron_longact.runtime.distributed import ParallelConfig
 from megatron_longact.training.config import TrainConfig
 from megatron_longact.training.rl_config import (
@@ -53,6 +54,7 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
     def check_layout(self, world_size: int) -> ParallelConfig:
         """Validate the parallel layout against the world size, the model and the batch; returns

@@ -207,6 +207,9 @@ def prepare(argv=None) -> Plan:
                            parallel.context_parallel_size)
     if parallel.context_parallel_size > 1:
         raise ConfigError("parallel.context_parallel_size: generation supports 1 only")
+    from megatron_longact.rollout.base import check_rollout
+
+    check_rollout(cfg)  # the run's rollout.engine generates here too
     load = _checkpoint_loader(ecfg.checkpoint, cfg.model, trained) if ecfg.init == "checkpoint" else None
 
     tokenizer = load_tokenizer(ecfg.tokenizer)
@@ -239,8 +242,9 @@ def run(plan: Plan, runtime) -> dict | None:
     from megatron.core import parallel_state as ps
 
     from megatron_longact.data.tokenizer import encode_prompt_text
-    from megatron_longact.generation import ModelParallelGroups, SamplingConfig, generate
+    from megatron_longact.generation import SamplingConfig
     from megatron_longact.models.builder import build_model
+    from megatron_longact.rollout import build_engine
     from megatron_longact.runtime import collectives
     from megatron_longact.tasks.suite import EvalResults, evaluate, summarize, write_report
     from megatron_longact.training.engine import reference_initialize
@@ -258,7 +262,9 @@ def run(plan: Plan, runtime) -> dict | None:
         from megatron.core.transformer.module import Float16Module
 
         model = Float16Module(tconfig, model)
-    groups = ModelParallelGroups.from_parallel_state()
+    engine = build_engine(cfg.rollout, model=model, model_cfg=cfg.model, tokenizer=tokenizer,
+                          max_model_len=cfg.model.max_position_embeddings,
+                          work_dir=plan.out_dir / "rollout", seed=cfg.train.seed, kv_cache=ecfg.kv_cache)
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     n = len(plan.records)
@@ -267,9 +273,7 @@ def run(plan: Plan, runtime) -> dict | None:
     def generate_fn(texts, max_new_tokens):
         budget = min(max_new_tokens, ecfg.max_new_tokens) if ecfg.max_new_tokens else max_new_tokens
         prompts = [encode_prompt_text(t, tokenizer, ecfg.prompt) for t in texts]
-        out = generate(model, prompts, SamplingConfig(temperature=0.0, max_new_tokens=budget),
-                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size,
-                       groups=groups, kv_cache=ecfg.kv_cache)
+        out = engine.generate(prompts, SamplingConfig(temperature=0.0, max_new_tokens=budget))
         return [tokenizer.decode(out.response_ids(i)) for i in range(len(texts))]
 
     start = time.monotonic()
@@ -279,8 +283,11 @@ def run(plan: Plan, runtime) -> dict | None:
             print(f"eval: {done}/{total} records on data-parallel rank 0 "
                   f"({time.monotonic() - start:.1f}s)", flush=True)
 
-    results = evaluate(local, generate_fn, tokenizer=tokenizer, prompt=ecfg.prompt,
-                       batch_size=ecfg.batch_size, pass_max_new_tokens=True, progress=progress)
+    try:
+        results = evaluate(local, generate_fn, tokenizer=tokenizer, prompt=ecfg.prompt,
+                           batch_size=ecfg.batch_size, pass_max_new_tokens=True, progress=progress)
+    finally:
+        engine.close()
     samples = results.samples
     if dp > 1:
         parts = collectives.all_gather_object(samples, ps.get_data_parallel_group())

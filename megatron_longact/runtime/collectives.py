@@ -99,6 +99,18 @@ def broadcast(tensor: torch.Tensor, src_group_rank: int, group=None) -> torch.Te
     return tensor
 
 
+def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape and dtype on all ranks), in group-rank order, on the
+    tensor's own device."""
+    if not initialized() or size(group) == 1:
+        return [tensor]
+    device = comm_device(group)
+    work = tensor.contiguous() if tensor.device == device else tensor.to(device).contiguous()
+    parts = [torch.empty_like(work) for _ in range(size(group))]
+    dist.all_gather(parts, work, group=group)
+    return [p if p.device == tensor.device else p.to(tensor.device) for p in parts]
+
+
 def all_gather_object(obj: Any, group=None) -> list:
     """Each rank's ``obj`` (picklable), in group-rank order."""
     if not initialized() or size(group) == 1:

@@ -1,12 +1,14 @@
 """The SFT and RL trainer behind ``longact-train`` (modes ``sft`` and ``rl``).
 
 One optimizer step of RL (GRPO/DAPO family), every phase through megatron-core:
-1. rollouts: this data-parallel rank's prompts, ``rl.group_size`` responses each, sampled by the
-   policy itself (:func:`megatron_longact.generation.generate`, megatron's KV cache), LongAct
-   statistics paused;
+1. rollouts: this data-parallel rank's prompts, ``rl.group_size`` responses each, from the
+   rollout engine (``rollout.engine``, :mod:`megatron_longact.rollout`: the policy itself with
+   megatron's KV cache, or vLLM synced with it after every ``rollout.sync_interval`` steps),
+   LongAct statistics paused;
 2. rewards from the task records (``rl.reward``), DAPO shaping (dynamic sampling, overlong
    filtering and soft punishment) when configured, group advantages;
-3. old log-probs recomputed teacher-forced (so the first ratio is exactly 1);
+3. old log-probs recomputed teacher-forced (so the first ratio is exactly 1; always with a vLLM
+   engine, whose own log-probs only feed the mismatch metric and the IS correction);
 4. ``rl.ppo_epochs`` x ``rl.mini_batches`` optimizer steps of the policy loss through megatron's
    forward-backward schedule, DDP and DistributedOptimizer, with LongAct statistics collected on
    these update passes and its masks applied inside the optimizer.
@@ -153,6 +155,7 @@ class Trainer:
             self.engine.optimizer.reload_model_params()
         self.handle = None
         self.ref_model = None
+        self.rollout = None  # the rollout engine (megatron_longact.rollout), built at first use
         self.step = 0
         self.writer = None
         self.wandb = None
@@ -173,6 +176,19 @@ class Trainer:
         return ids
 
     # -- set-up ------------------------------------------------------------------------------
+    def _rollout_engine(self):
+        """The engine every generation goes through (rollout.engine), built at first use: after
+        resume, so that an external engine starts from the weights training continues with."""
+        if self.rollout is None:
+            from megatron_longact.rollout import build_engine
+
+            self.rollout = build_engine(self.cfg.rollout, model=self.engine.model[0],
+                                        model_cfg=self.cfg.model, tokenizer=self.tokenizer,
+                                        max_model_len=self.cfg.model.max_position_embeddings,
+                                        work_dir=self.out_dir / "rollout", seed=self.cfg.train.seed)
+        self.rollout.ensure_synced()
+        return self.rollout
+
     def _start_rl(self, *, copy_policy: bool = True) -> None:
         """Everything the RL phase adds: the LongAct handle and, with rl.kl_coef, the frozen
         reference policy (a copy of the policy as RL starts; from the checkpoint on resume)."""
@@ -265,6 +281,8 @@ class Trainer:
         self.step = int(objs["step"])
         if self.handle is not None and objs["longact"] is not None:
             self.handle.load_state_dict(objs["longact"])
+        if self.rollout is not None:
+            self.rollout.sync_weights()  # an engine built before the load holds other weights
         if self.rank0:
             _info(f"checkpoint: resumed from {folder} at step {self.step}")
 
@@ -346,7 +364,7 @@ class Trainer:
     # -- RL ----------------------------------------------------------------------------------
     def _rollout(self, records: list[dict], sample_base: int) -> dict:
         """Generate ``group_size`` responses for each record; rewards and masks, on this rank."""
-        from megatron_longact.generation import ModelParallelGroups, SamplingConfig, generate
+        from megatron_longact.generation import SamplingConfig
         from megatron_longact.rl.dapo import soft_overlong_punishment
 
         rl = self.cfg.rl
@@ -358,10 +376,8 @@ class Trainer:
         if self.handle is not None:
             self.handle.set_collecting(False)
         try:
-            gen = generate(self.engine.model[0], prompts, sampling, eos_id=self.tokenizer.eos_id,
-                           pad_id=self.tokenizer.pad_id, vocab_size=self.tokenizer.vocab_size,
-                           sample_ids=[sample_base + i for i in range(len(prompts))],
-                           groups=ModelParallelGroups.from_parallel_state())
+            gen = self._rollout_engine().generate(
+                prompts, sampling, sample_ids=[sample_base + i for i in range(len(prompts))])
         finally:
             if self.handle is not None:
                 self.handle.set_collecting(True)
@@ -490,7 +506,10 @@ class Trainer:
         # On-policy (one epoch, one mini-batch): the update's own detached log-probs serve as the
         # old ones and no forward runs here (rl/on_policy.py); micro-batches then carry no old_lp.
         old_lp = None
-        if needs_old_log_prob_forward(rl.ppo_epochs, rl.mini_batches, rl.old_log_probs):
+        # An external engine's log-probs come from other numerics: the ratio's pi_old is always
+        # megatron's own forward, which the mismatch metric and the IS correction also need.
+        external = self.rollout is not None and self.rollout.external
+        if external or needs_old_log_prob_forward(rl.ppo_epochs, rl.mini_batches, rl.old_log_probs):
             old_lp = _full_width(sequence_log_probs(
                 self.engine.model[0], tokens.to(self.runtime.device), vocab_size=self.tokenizer.vocab_size,
                 temperature=rl.temperature, micro_batch_size=cfg.train.micro_batch_size, groups=groups,
@@ -502,6 +521,9 @@ class Trainer:
                 self.ref_model, tokens.to(self.runtime.device), vocab_size=self.tokenizer.vocab_size,
                 temperature=rl.temperature, micro_batch_size=cfg.train.micro_batch_size, groups=groups,
                 cp_group=_cp_group(self.cp)).cpu())
+        rollout_metrics = {}
+        if external:
+            adv, rollout_metrics = self._mismatch(batch, gen, old_lp, resp_mask, adv, S)
 
         loss_cfg = {k: getattr(rl, k) for k in ("clip_ratio", "clip_low", "clip_high", "clip_ratio_c",
                                                 "loss_agg_mode", "loss_scale_factor")
@@ -566,11 +588,34 @@ class Trainer:
             "perf/rollout_seconds": t_rollout, "perf/update_seconds": t_update,
             "perf/tokens": float(local[5]),
         })
+        metrics.update(rollout_metrics)
         return metrics
+
+    def _mismatch(self, batch, gen, old_lp, resp_mask, adv, width) -> tuple[torch.Tensor, dict]:
+        """Training-inference mismatch of this step (logged) and, with rollout.is_correction
+        tis, the importance-weighted advantages (megatron_longact.rollout.mismatch)."""
+        from megatron_longact.rollout import mismatch
+
+        # In prediction space at the full width, like old_lp and resp_mask (the CP split cuts them).
+        engine_lp = _full_width(mismatch.engine_log_probs_BT(gen, [len(p) for p in batch["prompts"]], width))
+        total, count, top = mismatch.mismatch_stats(engine_lp, old_lp, resp_mask)
+        s, c = collectives.all_reduce_values([total, count], _dp_group())
+        top = collectives.all_reduce_values([top], _dp_group(), op="max")[0]
+        out = {"rollout/mismatch_mean": s / max(c, 1.0), "rollout/mismatch_max": top,
+               "perf/weight_sync_seconds": getattr(self.rollout, "last_sync_seconds", 0.0)}
+        ro = self.cfg.rollout
+        if ro.is_correction == "tis":
+            w = mismatch.tis_weights(old_lp, engine_lp, resp_mask, ro.is_cap)
+            m = resp_mask.bool()
+            ws, wc, clipped = collectives.all_reduce_values(
+                [float(w[m].sum()), float(m.sum()), float((w[m] >= ro.is_cap).sum())], _dp_group())
+            out.update({"rollout/is_weight_mean": ws / max(wc, 1.0),
+                        "rollout/is_clipped_fraction": clipped / max(wc, 1.0)})
+            adv = mismatch.apply_tis(adv, w)
+        return adv, out
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self) -> dict | None:
-        from megatron_longact.generation import ModelParallelGroups
         from megatron_longact.tasks.ruler import RulerConfig, generate_ruler
         from megatron_longact.tasks.suite import EvalResults, summarize, write_report
 
@@ -583,11 +628,10 @@ class Trainer:
         records = generate_ruler(rcfg, self.tokenizer, self.cfg.data.prompt)
         n = len(records)
         local = records[self.dp_rank * n // self.dp:(self.dp_rank + 1) * n // self.dp]
-        model, groups = self.engine.model[0], ModelParallelGroups.from_parallel_state()
         if self.handle is not None:
             self.handle.set_collecting(False)
         try:
-            samples = self._evaluate_samples(local, model, groups)
+            samples = self._evaluate_samples(local)
         finally:
             if self.handle is not None:
                 self.handle.set_collecting(True)
@@ -599,18 +643,19 @@ class Trainer:
         _info(Path(paths["markdown"]).read_text())
         return results.summary
 
-    def _evaluate_samples(self, local: list[dict], model, groups) -> list:
+    def _evaluate_samples(self, local: list[dict]) -> list:
         from megatron.core import parallel_state as ps
 
         from megatron_longact.data.tokenizer import encode_prompt_text
-        from megatron_longact.generation import SamplingConfig, generate
+        from megatron_longact.generation import SamplingConfig
         from megatron_longact.tasks.suite import evaluate
+
+        engine = self._rollout_engine()
+        engine.ensure_synced(strict=True)  # evaluate the policy itself, not a lagging copy
 
         def generate_fn(texts, max_new_tokens):
             prompts = [encode_prompt_text(t, self.tokenizer, self.cfg.data.prompt) for t in texts]
-            out = generate(model, prompts, SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens),
-                           eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                           vocab_size=self.tokenizer.vocab_size, groups=groups)
+            out = engine.generate(prompts, SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens))
             return [self.tokenizer.decode(out.response_ids(i)) for i in range(len(texts))]
 
         results = evaluate(local, generate_fn, tokenizer=self.tokenizer, prompt=self.cfg.data.prompt,
@@ -693,6 +738,13 @@ class Trainer:
                         metrics.update(self.handle.metrics)
                 self._log(metrics, time.monotonic() - t0, bar)
                 self.step += 1
+                if self.rollout is not None:
+                    # The policy moved: push it to the engine every rollout.sync_interval RL steps
+                    # (SFT steps only mark it stale; the next generation syncs first).
+                    if self.step > self.sft_steps:
+                        self.rollout.after_update(self.step - self.sft_steps)
+                    else:
+                        self.rollout.invalidate()
                 interval = self.cfg.checkpoint.interval
                 self.finish_save(blocking=False)
                 if self._stop_requested():
@@ -714,6 +766,9 @@ class Trainer:
                 (self.out_dir / "history.json").write_text(json.dumps(
                     {"history": self.history, "evaluation": summary}, indent=1, default=float))
         finally:
+            if self.rollout is not None:
+                self.rollout.close()
+                self.rollout = None
             for s, h in old.items():
                 signal.signal(s, h)
             if self.writer is not None:

@@ -1,0 +1,97 @@
+"""The policy's current weights in Hugging Face layout, for an inference engine.
+
+Index spaces: each rank holds *local* shards of its pipeline stage (megatron's TP cut); an engine
+loads *HF* tensors (whole, under ``transformers`` names). :func:`gather_hf_weights` goes from one
+to the other through the project's own mapping (:mod:`megatron_longact.convert.hf`): global name
+per parameter (:mod:`megatron_longact.models.sharding`), the TP shards all-gathered over the
+tensor-parallel group and un-cut, the fused QKV / SwiGLU tensors split into their HF tensors, and
+the stages' tensors collected over the pipeline group on the destination ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_longact.runtime import collectives
+
+
+@dataclass(frozen=True)
+class EngineGroups:
+    """The process groups a rollout engine talks to, and this rank's place in them.
+
+    ``tp`` / ``pp`` / ``cp``: megatron's tensor-, pipeline- and context-parallel groups of this
+    rank; ``mp``: the model-parallel group (TP x PP). The *host* of a data-parallel replica is its
+    rank with TP, PP and CP rank 0: the first rank of ``mp`` (megatron orders ranks TP fastest)."""
+
+    tp: object
+    pp: object
+    cp: object
+    mp: object
+    dp_rank: int
+
+    @classmethod
+    def from_parallel_state(cls) -> "EngineGroups":
+        from megatron.core import parallel_state as ps
+
+        return cls(tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
+                   cp=ps.get_context_parallel_group(), mp=ps.get_model_parallel_group(),
+                   dp_rank=ps.get_data_parallel_rank())
+
+    @property
+    def is_host(self) -> bool:
+        return (collectives.rank(self.tp) == 0 and collectives.rank(self.pp) == 0
+                and collectives.rank(self.cp) == 0)
+
+    def check(self) -> None:
+        """The host is group rank 0 of ``mp`` (what :meth:`share` broadcasts from)."""
+        host_in_mp = collectives.rank(self.tp) == 0 and collectives.rank(self.pp) == 0
+        if host_in_mp != (collectives.rank(self.mp) == 0):
+            raise RuntimeError("rollout: the first rank of the model-parallel group is not TP rank 0 "
+                               "of pipeline stage 0; megatron's rank order changed")
+
+    def share(self, obj):
+        """``obj`` of the host on every rank of its replica (model-parallel group, then CP)."""
+        obj = collectives.broadcast_object(obj, 0, self.mp)
+        return collectives.broadcast_object(obj, 0, self.cp)
+
+
+@torch.no_grad()
+def gather_hf_weights(model, model_cfg, groups: EngineGroups, *, to_all: bool = False
+                      ) -> list[tuple[str, torch.Tensor]] | None:
+    """HF ``(name, tensor)`` pairs of the whole model on the host of each replica (every rank of
+    the replica with ``to_all``); None on the other ranks. Every rank of the replica calls this.
+
+    Tensors keep the model's parameter dtype (bf16 models give bf16 weights; the optimizer's fp32
+    main weights are not what the policy computes with). They are copies: the caller may keep them
+    while the model trains."""
+    from megatron_longact.convert import hf as hfmap
+    from megatron_longact.models.builder import unwrap
+    from megatron_longact.models.sharding import global_name, layer_offset, tp_info, unshard
+
+    gpt = unwrap(model[0] if isinstance(model, (list, tuple)) else model)
+    offset = layer_offset(gpt)
+    tp_size = collectives.size(groups.tp)
+    keep_here = to_all or collectives.rank(groups.tp) == 0
+    stage: dict[str, torch.Tensor] = {}
+    for local, param in gpt.named_parameters():
+        name = global_name(local, offset)
+        is_tp, _, _ = tp_info(param)
+        full = unshard(collectives.all_gather(param.detach(), groups.tp), param) \
+            if is_tp and tp_size > 1 else param.detach()
+        if keep_here:
+            for hf_name, t in hfmap.hf_tensors_from_global(name, full, model_cfg).items():
+                stage[hf_name] = t.contiguous().clone()
+    if collectives.size(groups.pp) > 1:
+        # Objects go through host memory: fine for the CPU path and single-node models; the GPU
+        # path of a model too large for one rank streams per-rank shards instead (docs/rollout.md).
+        parts = collectives.all_gather_object({k: v.cpu() for k, v in stage.items()}, groups.pp)
+        stage = {k: v for part in parts for k, v in part.items()}
+    if not (to_all or groups.is_host):
+        return None
+    order = {n: i for i, n in enumerate(hfmap.hf_names(model_cfg))}
+    missing = sorted(set(order) - set(stage))
+    if missing:
+        raise RuntimeError(f"rollout: the model has no parameter for HF tensor {missing[0]}")
+    return sorted(stage.items(), key=lambda kv: order[kv[0]])

@@ -17,13 +17,12 @@ Who hosts what (docs/rollout.md has the picture):
   in place (vLLM's ``reload_weights``) and resets its prefix cache (stale KV of the old weights
   would otherwise be reused). The engine is never restarted.
 
-Transport (:func:`pack_tensors`): CPU tensors cross the process boundary through
-``torch.multiprocessing`` pickling (their storage through shared memory), CUDA tensors as CUDA IPC
-handles that the engine opens on its own device numbering; the rest of the path is the same for
-both. With engine tensor
-parallelism > 1 (GPU), vLLM's own workers sit behind the engine and take no tensors, so the host
-writes a safetensors folder in ``/dev/shm`` and the engine reloads from that path (the transport
-of the server mode, tested there).
+Transport: the gathered weights are in host memory on every machine (the gather never holds the
+whole model on a GPU), and cross the process boundary through ``torch.multiprocessing`` pickling,
+their storage through shared memory; vLLM copies them to its device while it reloads. So the GPU
+path is the tested CPU path. With engine tensor parallelism > 1 (GPU), vLLM's own workers sit
+behind the engine and take no tensors, so the host writes a safetensors folder in ``/dev/shm`` and
+the engine reloads from that path (the transport of the server mode, tested there).
 
 GPU memory: with ``rollout.enable_sleep_mode`` the engine releases its weights and KV cache
 after each rollout (vLLM ``sleep(level=1)``) and wakes up before the next push or rollout, as
@@ -112,38 +111,6 @@ def write_safetensors(folder: Path, items) -> None:
     tmp.rename(folder / "model.safetensors")
 
 
-def pack_tensors(items) -> list[tuple[str, str, object]]:
-    """HF ``(name, tensor)`` pairs as they cross to the engine process. CPU tensors go as they are
-    (``torch.multiprocessing`` moves their storage through shared memory); CUDA tensors as CUDA
-    IPC handles (:func:`unpack_tensors` re-targets them to the engine's device numbering)."""
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    out = []
-    for name, t in items:
-        if t.is_cuda:
-            out.append((name, "cuda_ipc", reduce_tensor(t)))
-        else:
-            out.append((name, "tensor", t))
-    return out
-
-
-def unpack_tensors(packed) -> list[tuple[str, torch.Tensor]]:
-    """Inverse of :func:`pack_tensors`, in the engine process."""
-    items = []
-    for name, kind, value in packed:
-        if kind == "cuda_ipc":
-            rebuild, args = value
-            args = list(args)
-            # Argument 6 of torch's rebuild_cuda_tensor is the producer's device index; the engine
-            # sees the same GPU under another index (its CUDA_VISIBLE_DEVICES starts at the
-            # host's GPU), so point it at the engine's own current device.
-            args[6] = torch.cuda.current_device()
-            items.append((name, rebuild(*args)))
-        else:
-            items.append((name, value))
-    return items
-
-
 # --------------------------------------------------------------------------------------------------
 # The engine process
 
@@ -187,7 +154,7 @@ def _engine_main(conn, settings: dict) -> None:
                 sleeping = False
             t0 = time.monotonic()
             if kind == "load":
-                items = unpack_tensors(msg[1])
+                items = msg[1]  # host-memory tensors, their storage in shared memory
                 llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items,
                                                             "is_checkpoint_format": True})
                 del items
@@ -365,8 +332,7 @@ class VLLMEngine(RolloutEngine):
                 finally:
                     shutil.rmtree(shm, ignore_errors=True)
             else:
-                # The host keeps ``items`` alive until the engine answered (IPC handles).
-                self.process.request("load", pack_tensors(items))
+                self.process.request("load", items)
         self.last_sync_seconds = time.monotonic() - t0
 
     def generate(self, prompts, sampling, *, sample_ids=None) -> GenerationOutput:

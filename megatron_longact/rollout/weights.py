@@ -58,10 +58,16 @@ class EngineGroups:
 
 
 @torch.no_grad()
-def gather_hf_weights(model, model_cfg, groups: EngineGroups, *, to_all: bool = False
-                      ) -> list[tuple[str, torch.Tensor]] | None:
-    """HF ``(name, tensor)`` pairs of the whole model on the host of each replica (every rank of
-    the replica with ``to_all``); None on the other ranks. Every rank of the replica calls this.
+def gather_hf_weights(model, model_cfg, groups: EngineGroups) -> list[tuple[str, torch.Tensor]] | None:
+    """HF ``(name, tensor)`` pairs of the whole model, in host memory, on the host of each
+    replica; None on the other ranks. Every rank of the replica calls this.
+
+    Memory: the weights never gather on one GPU. Each parameter is all-gathered over the
+    tensor-parallel group (one full parameter on the device at a time), mapped to its HF tensors
+    and copied to host memory at once; the other pipeline stages then stream theirs to the host
+    one tensor at a time (:func:`_stream_to_first_stage`). So a sync adds at most one full
+    parameter to any GPU (a 70B model in bf16 would be 141 GB on the host's GPU otherwise), and
+    only the host holds the whole model, in host memory.
 
     Tensors keep the model's parameter dtype (bf16 models give bf16 weights; the optimizer's fp32
     main weights are not what the policy computes with). They are copies: the caller may keep them
@@ -73,25 +79,47 @@ def gather_hf_weights(model, model_cfg, groups: EngineGroups, *, to_all: bool = 
     gpt = unwrap(model[0] if isinstance(model, (list, tuple)) else model)
     offset = layer_offset(gpt)
     tp_size = collectives.size(groups.tp)
-    keep_here = to_all or collectives.rank(groups.tp) == 0
-    stage: dict[str, torch.Tensor] = {}
+    # The ranks whose pipeline group holds the host: TP rank 0 and CP rank 0 of every stage.
+    column = collectives.rank(groups.tp) == 0 and collectives.rank(groups.cp) == 0
+    stage: list[tuple[str, torch.Tensor]] = []
     for local, param in gpt.named_parameters():
         name = global_name(local, offset)
         is_tp, _, _ = tp_info(param)
         full = unshard(collectives.all_gather(param.detach(), groups.tp), param) \
             if is_tp and tp_size > 1 else param.detach()
-        if keep_here:
+        if column:
             for hf_name, t in hfmap.hf_tensors_from_global(name, full, model_cfg).items():
-                stage[hf_name] = t.contiguous().clone()
-    if collectives.size(groups.pp) > 1:
-        # Objects go through host memory: fine for the CPU path and single-node models; the GPU
-        # path of a model too large for one rank streams per-rank shards instead (docs/rollout.md).
-        parts = collectives.all_gather_object({k: v.cpu() for k, v in stage.items()}, groups.pp)
-        stage = {k: v for part in parts for k, v in part.items()}
-    if not (to_all or groups.is_host):
+                stage.append((hf_name, t.to("cpu", copy=True).contiguous()))
+    if not column:
+        return None
+    items = _stream_to_first_stage(stage, groups.pp)
+    if not groups.is_host:
         return None
     order = {n: i for i, n in enumerate(hfmap.hf_names(model_cfg))}
-    missing = sorted(set(order) - set(stage))
+    names = {n for n, _ in items}
+    missing = sorted(set(order) - names)
     if missing:
         raise RuntimeError(f"rollout: the model has no parameter for HF tensor {missing[0]}")
-    return sorted(stage.items(), key=lambda kv: order[kv[0]])
+    return sorted(items, key=lambda kv: order[kv[0]])
+
+
+def _stream_to_first_stage(stage: list[tuple[str, torch.Tensor]], pp_group
+                           ) -> list[tuple[str, torch.Tensor]]:
+    """Every stage's host-memory ``(name, tensor)`` pairs on pipeline rank 0 (this rank's own
+    list elsewhere). Names, shapes and dtypes travel as one small object; each tensor then goes
+    alone, as a broadcast from its stage on the group's communication device (CUDA under NCCL),
+    and returns to host memory before the next one is sent."""
+    pp = collectives.size(pp_group)
+    if pp == 1:
+        return stage
+    me = collectives.rank(pp_group)
+    metas = collectives.all_gather_object([(n, tuple(t.shape), t.dtype) for n, t in stage], pp_group)
+    device = collectives.comm_device(pp_group)
+    out = list(stage)
+    for src in range(1, pp):
+        for i, (name, shape, dtype) in enumerate(metas[src]):
+            buf = stage[i][1].to(device) if me == src else torch.empty(shape, dtype=dtype, device=device)
+            buf = collectives.broadcast(buf, src, pp_group)
+            if me == 0:
+                out.append((name, buf.to("cpu", copy=True)))
+    return out

@@ -54,6 +54,12 @@ Memory model (bytes per GPU; all of it is an estimate, stated so that it can be 
     over the whole width, one layer's prefill transient without sequence parallelism, its fp32
     last-token logits). A layout where not even one row fits does not fit. Native generation does
     not run under context parallelism: such a plan is refused (as the trainer refuses the run).
+  - rollout with a colocated vLLM engine (:func:`vllm_engine_memory`): the engine takes
+    ``rollout.gpu_memory_utilization`` of each of its GPUs (stage 0's), as static memory, or, with
+    ``rollout.enable_sleep_mode``, only in a phase of its own (it sleeps while the policy trains);
+    a weight sync adds twice the largest full parameter to every GPU. A plan whose engine has no
+    room for the KV cache of one full-length sequence is refused. External servers
+    (``vllm_server``) use no memory of the training GPUs.
   - teacher-forced log-prob forwards (old policy, reference): one micro-batch's logits in bf16,
     their fp32 copy and the temperature-scaled copy (10 B per vocab-parallel logit) plus one layer's
     transient, no gradients.
@@ -333,9 +339,18 @@ def stage_memory(run: RunConfig, parallel, stage: int, opts: PlanOptions,
         kv = kv_cache_bytes_per_sequence(cfg, train.seq_length, tp, pp)
         phases["rollout kv cache"] = kv * opts.rollout_sequences
     elif rlb is not None:
-        if _rollout_engine(run) == "megatron":
+        engine = _rollout_engine(run)
+        if engine == "megatron":
             rows = rollout_rows(run, parallel, stage, sum(items.values()), usable)
             phases["rollout (native generation)"] = rows["bytes"]
+        elif engine == "vllm":
+            vm = vllm_engine_memory(run, int(opts.gpu_memory_gib * GiB))
+            # The engine's GPUs are stage 0's; asleep while the policy trains (sleep mode), it
+            # takes its memory only while it generates and syncs, else through the whole step.
+            awake = vm["engine"] if stage == 0 and vm["sleep"] else 0
+            if stage == 0 and not vm["sleep"]:
+                items["vLLM engine"] = vm["engine"]
+            phases["vLLM rollout and weight sync"] = awake + vm["sync"]
         # Old-policy / reference log-prob forwards: logits of one micro-batch and one layer.
         lin = layer_activation_bytes(cfg, tokens, tp, sequence_parallel=sp) // max(2 * layers, 1)
         logits = 10 * tokens * cfg.padded_vocab_size // tp if stage == pp - 1 else 0
@@ -355,6 +370,32 @@ def rollout_rows(run: RunConfig, parallel, stage: int, static_bytes: int, usable
     sub = max(min(rlb["per_rank"], fit), 1)
     return {"rows": rlb["per_rank"], "sub_batch": sub, "sub_batches": math.ceil(rlb["per_rank"] / sub),
             "per_row": per_row, "bytes": sub * per_row, "fit": fit, "prefill": prefill}
+
+
+def vllm_engine_memory(run: RunConfig, device_bytes: int) -> dict:
+    """GPU memory of a colocated vLLM engine (``rollout.engine: vllm``, docs/rollout.md) on each of
+    its GPUs (the host's GPU and the next ``rollout.tensor_parallel_size - 1``, all of stage 0):
+
+    - ``engine``: what vLLM takes, ``gpu_memory_utilization`` x the GPU (weights, KV cache, its
+      activations); held through the step, or only while it generates and syncs with
+      ``enable_sleep_mode`` (it sleeps while the policy trains);
+    - ``weights``: the model's weights over the engine's TP ranks; ``kv``: what is left of
+      ``engine`` for the KV cache, and ``sequences``: full-length sequences that fit in it at
+      once (vLLM refuses to start below one);
+    - ``sync``: the transient of a weight sync on every training GPU, twice the largest full
+      parameter (the gather moves one parameter at a time to host memory)."""
+    cfg, ro = run.model, run.rollout
+    pbytes = _DTYPE_BYTES[cfg.params_dtype]
+    etp = ro.tensor_parallel_size
+    engine = int(ro.gpu_memory_utilization * device_bytes)
+    weights = math.ceil(cfg.num_parameters() * pbytes / etp)
+    kv_seq = kv_cache_bytes_per_sequence(cfg, run.train.seq_length, etp, 1)
+    kv = max(engine - weights, 0)
+    largest = max(cfg.padded_vocab_size * cfg.hidden_size, 2 * cfg.ffn_hidden_size * cfg.hidden_size,
+                  (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels * cfg.hidden_size)
+    return {"engine": engine, "weights": weights, "kv": kv, "kv_per_sequence": kv_seq,
+            "sequences": kv // kv_seq, "sync": 2 * largest * pbytes, "tp": etp,
+            "sleep": bool(ro.enable_sleep_mode)}
 
 
 def kv_cache_bytes_per_sequence(cfg: ModelConfig, seq_length: int, tp: int, pp: int) -> int:
@@ -491,9 +532,27 @@ def make_plan(run: RunConfig, nodes: int, gpus_per_node: int, opts: PlanOptions 
             f"transient, logits); sub-batches of {r['sub_batch']} rows x {r['sub_batches']}: "
             f"{_fmt_bytes(r['bytes'])} per GPU"
             + ("" if r["fit"] >= 1 else "; not even one row fits beside the static memory"))
+    elif rlb is not None and not opts.rollout_sequences and _rollout_engine(run) == "vllm":
+        vm = vllm_engine_memory(run, device)
+        numbers["rollout"] = (
+            f"colocated vLLM engine, TP {vm['tp']} on stage 0's GPUs: {_fmt_bytes(vm['engine'])} per "
+            f"engine GPU (rollout.gpu_memory_utilization {run.rollout.gpu_memory_utilization}), "
+            + ("released while the policy trains (sleep mode)" if vm["sleep"] else "held through the step")
+            + f"; weights {_fmt_bytes(vm['weights'])}, KV cache {_fmt_bytes(vm['kv'])} = "
+            f"{vm['sequences']} sequence(s) of {train.seq_length} tokens at once "
+            f"({_fmt_bytes(vm['kv_per_sequence'])} each); a weight sync adds "
+            f"{_fmt_bytes(vm['sync'])} per training GPU (one full parameter at a time)")
+        if vm["tp"] > gpus_per_node:
+            refusals.append(f"rollout.tensor_parallel_size: {vm['tp']} is more than the {gpus_per_node} "
+                            "GPUs of a node; the engine runs on the host's node")
+        if vm["sequences"] < 1:
+            refusals.append(
+                f"rollout.gpu_memory_utilization: {run.rollout.gpu_memory_utilization} gives the vLLM "
+                f"engine {_fmt_bytes(vm['engine'])} per GPU, of which its weights take "
+                f"{_fmt_bytes(vm['weights'])}: no room for the KV cache of one {train.seq_length}-token "
+                "sequence (vLLM would refuse to start); raise it or rollout.tensor_parallel_size")
     elif rlb is not None and not opts.rollout_sequences:
-        numbers["rollout"] = (f"engine {_rollout_engine(run)}: its memory is not estimated here")
-        warnings.append(f"rollout.engine {_rollout_engine(run)}: rollout memory is not part of this plan")
+        numbers["rollout"] = "external vLLM servers (rollout.server_urls): no memory on the training GPUs"
     if opts.rollout_sequences == 0 and not native_rollouts:
         kv = kv_cache_bytes_per_sequence(cfg, train.seq_length, tp, pp)
         room = min(usable - st.static_total for st in stages)

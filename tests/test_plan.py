@@ -48,9 +48,33 @@ def test_70b_64k_fits_80gb_under_its_layout():
     # More data parallelism only shrinks the optimizer shard.
     bigger = make_plan(run, nodes=16, gpus_per_node=8, opts=PlanOptions(reference_model=True))
     assert bigger.dp == 2 and bigger.worst.peak < plan.worst.peak
-    # Its memory fits, but the native engine cannot generate under CP=2: refused, as by the trainer.
-    assert plan.refusals == ["parallel.context_parallel_size: 2 with RL rollouts: native generation "
-                             "does not run under context parallelism; use rollout.engine: vllm"]
+    # Its rollouts come from a colocated vLLM engine (sleep mode): 30% of each of stage 0's GPUs
+    # while it generates and syncs, plus the sync's transient (two full 128256 x 8192 bf16
+    # vocabulary matrices) on every GPU.
+    sync = 2 * 128256 * 8192 * 2
+    assert plan.stages[0].phases["vLLM rollout and weight sync"] == int(0.3 * 80 * GiB) + sync
+    assert [st.phases["vLLM rollout and weight sync"] for st in plan.stages[1:]] == [sync] * 3
+    assert "vLLM engine" not in plan.stages[0].static and plan.refusals == []
+    assert "3 sequence(s) of 65536 tokens at once" in plan.numbers["rollout"]
+    # The native engine cannot generate under CP=2: refused, as by the trainer.
+    native = make_plan(_run("llama3_70b_grpo_64k.yaml", "rollout.engine=megatron"), 8, 8)
+    assert native.refusals == ["parallel.context_parallel_size: 2 with RL rollouts: native generation "
+                               "does not run under context parallelism; use rollout.engine: vllm"]
+
+
+def test_vllm_engine_memory_without_sleep_and_too_small_a_share():
+    run = _run("llama3_70b_grpo_64k.yaml", "rollout.enable_sleep_mode=false")
+    plan = make_plan(run, 8, 8)
+    # Without sleep mode the engine's share is held through the whole step on stage 0's GPUs.
+    assert plan.stages[0].static["vLLM engine"] == int(0.3 * 80 * GiB)
+    assert "vLLM engine" not in plan.stages[1].static and plan.refusals == []
+    # 20% of an 80 GiB GPU cannot hold the engine's weights (70.55 B x 2 B / TP 8 = 16.4 GiB) and
+    # the KV cache of one 64k sequence: vLLM would not start, so the plan is refused.
+    small = make_plan(_run("llama3_70b_grpo_64k.yaml", "rollout.gpu_memory_utilization=0.2"), 8, 8)
+    assert len(small.refusals) == 1 and small.refusals[0].startswith(
+        "rollout.gpu_memory_utilization: 0.2 gives the vLLM engine 16.00 GiB per GPU")
+    wide = make_plan(_run("llama3_70b_grpo_64k.yaml", "rollout.tensor_parallel_size=16"), 8, 8)
+    assert any(r.startswith("rollout.tensor_parallel_size: 16 is more than the 8 GPUs") for r in wide.refusals)
 
 
 def test_fp8_and_8b_configs_fit():
@@ -100,15 +124,18 @@ def test_wrong_layouts_fail_with_a_clear_message(config, overrides, nodes, messa
 def test_cli_exit_codes_and_report(capsys):
     cfg = str(CONFIGS / "llama3_70b_grpo_64k.yaml")
     assert plan_cli.main(["--config", cfg, "--nodes", "8", "--reference-model",
-                          "parallel.context_parallel_size=1"]) == 0
+                          "parallel.context_parallel_size=1", "rollout.engine=megatron"]) == 0
     out = capsys.readouterr().out
     for text in ("TP=8 x PP=4 x CP=1 x DP=2", "128256 padded to 128256", "layers per stage  20",
                  "pipeline bubble", "FITS: fullest GPU", "optimizer", "reference model",
                  "longact state", "checkpoint", "64 sequences/RL step", "rollout (native generation)",
                  "native generation: 32 rows per DP replica", "log-prob forward"):
         assert text in out, text
-    # The shipped layout (CP=2) with the native engine: the plan is printed, then refused.
-    assert plan_cli.main(["--config", cfg, "--nodes", "8"]) == 2
+    # The shipped layout (CP=2, vLLM rollouts) fits and runs.
+    assert plan_cli.main(["--config", cfg, "--nodes", "8"]) == 0
+    assert "colocated vLLM engine, TP 8" in capsys.readouterr().out
+    # The same layout with the native engine: the plan is printed, then refused.
+    assert plan_cli.main(["--config", cfg, "--nodes", "8", "rollout.engine=megatron"]) == 2
     captured = capsys.readouterr()
     assert "FITS: fullest GPU" in captured.out and "REFUSED: parallel.context_parallel_size: 2" in captured.out
     assert captured.err.strip() == ("longact-plan: refused: parallel.context_parallel_size: 2 with RL "
@@ -254,7 +281,7 @@ def test_rollout_memory_of_the_70b_recipe():
     from megatron_longact.generation import generation_bytes_per_row
     from megatron_longact.plan import rollout_rows
 
-    run = _run("llama3_70b_grpo_64k.yaml", "parallel.context_parallel_size=1")
+    run = _run("llama3_70b_grpo_64k.yaml", "parallel.context_parallel_size=1", "rollout.engine=megatron")
     plan = make_plan(run, 8, 8)
     per_row = generation_bytes_per_row(num_layers=20, hidden_size=8192, ffn_hidden_size=28672,
                                        num_attention_heads=64, num_query_groups=8, head_dim=128,
@@ -280,7 +307,7 @@ def plan_layout(run):
 
 
 def test_a_layout_where_not_one_rollout_row_fits_is_refused():
-    run = _run("llama3_70b_grpo_64k.yaml", "parallel.context_parallel_size=1")
+    run = _run("llama3_70b_grpo_64k.yaml", "parallel.context_parallel_size=1", "rollout.engine=megatron")
     plan = make_plan(run, 8, 8, PlanOptions(gpu_memory_gib=36))
     assert not plan.fits
     assert "not even one row fits beside the static memory" in plan.numbers["rollout"]

@@ -90,7 +90,11 @@ def test_finished_runs_are_read_not_rerun_and_warm_start_is_shared(tmp_path, mon
     assert "Runs finished: 4 of 4." in (out / "results.md").read_text()
 
 
-def test_reference_must_be_a_strategy(capsys):
+def test_reference_must_be_a_strategy(capsys, monkeypatch):
+    def must_not_run(*a, **k):
+        raise AssertionError("a run was started although --reference is bad")
+
+    monkeypatch.setattr(ablate.subprocess, "run", must_not_run)
     assert ablate.main(["--config", str(ROOT / "configs/demo_cpu.yaml"), "--strategies",
                         "none,random"]) == 2
     assert "--reference: got 'topk'" in capsys.readouterr().err

@@ -51,6 +51,16 @@ def test_summary_marks_partial_results():
     assert "| topk - none | +0.033 +- 0.208 (2/3) |" in text
     assert "bottomk" not in text.split("Paired")[0].split("| --- |")[1]
     assert result["table"]["none"]["seeds"] == [1, 2, 3]
+    assert ("- topk vs none: final reward: within the spread (+0.0333, std 0.208 over 3 seeds, "
+            "ahead in 2).") in text
+    assert "- topk vs random: final reward: +0 on one seed (no spread to compare with)." in text
+
+
+def test_commentary_names_a_difference_larger_than_the_spread():
+    runs = [{"strategy": s, "seed": seed, "values": {"final_reward": v}}
+            for s, seed, v in (("topk", 1, 0.5), ("topk", 2, 0.6), ("none", 1, 0.3), ("none", 2, 0.3))]
+    lines, _ = ablate.summarize(runs, ["none", "topk"], [1, 2], "topk", "header")
+    assert "- topk vs none: final reward: topk above by 0.25 (std 0.0707 over 2 seeds, ahead in 2)." in lines
 
 
 def test_finished_runs_are_read_not_rerun_and_warm_start_is_shared(tmp_path, monkeypatch):

@@ -131,9 +131,40 @@ def summarize(runs: list[dict], strategies: list[str], seeds: list[int], referen
                     cells.append(f"{p['mean']:+.{digits}f} +- {p['std']:.{digits}f} "
                                  f"({p['ahead']}/{len(p['seeds'])})")
             lines.append(f"| {reference} - {other} | " + " | ".join(cells) + " |")
+    notes = commentary(comparisons, reference)
+    if notes:
+        lines += ["", "Reading (generated from the paired differences above):", ""] + notes
     result = {"strategies": strategies, "seeds": seeds, "reference": reference,
               "runs": runs, "table": table, "paired": comparisons}
     return lines, result
+
+
+def commentary(comparisons: dict, reference: str) -> list[str]:
+    """One factual line per comparison: for each measure, whether the mean paired difference is
+    larger than its seed-to-seed standard deviation (and in which direction), else "within the
+    spread". No significance test: with a handful of seeds none would have power."""
+    out = []
+    for name, by_measure in comparisons.items():
+        other = name.split("-", 1)[1]
+        parts = []
+        for measure, p in by_measure.items():
+            if p is None:
+                continue
+            n = len(p["seeds"])
+            label = "final reward" if measure == "final_reward" else measure
+            if n < 2:
+                verdict = f"{p['mean']:+.3g} on one seed (no spread to compare with)"
+            elif abs(p["mean"]) > p["std"]:
+                word = "above" if p["mean"] > 0 else "below"
+                verdict = (f"{reference} {word} by {abs(p['mean']):.3g} (std {p['std']:.3g} over "
+                           f"{n} seeds, ahead in {p['ahead']})")
+            else:
+                verdict = (f"within the spread ({p['mean']:+.3g}, std {p['std']:.3g} over {n} "
+                           f"seeds, ahead in {p['ahead']})")
+            parts.append(f"{label}: {verdict}")
+        if parts:
+            out.append(f"- {reference} vs {other}: " + "; ".join(parts) + ".")
+    return out
 
 
 @cli_entry("longact-ablate")

@@ -34,12 +34,13 @@ PROG = "longact-probe"
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog=PROG, description="Measure whether a model has the massive Q/K "
+                       "channels LongAct relies on, with V as a control (docs/probe.md).")
     p.add_argument("--model", required=True,
                    help="Hugging Face folder, trainer checkpoint or longact-convert hf-to-mcore folder")
     p.add_argument("--data", default="ruler",
                    help="ruler | text:FILE | longbench-v2:FILE | records:FILE (default ruler)")
-    p.add_argument("--lengths", default="1024,4096", help="context lengths in tokens, comma-separated")
+    p.add_argument("--lengths", default="1024,4096", help="context lengths in tokens, comma-separated (default 1024,4096)")
     p.add_argument("--samples", type=int, default=4, help="inputs per length (default 4)")
     p.add_argument("--tasks", default="niah_single_1", help="RULER tasks for --data ruler")
     p.add_argument("--tokenizer", help="'byte' or a local tokenizer folder (default: the model "

@@ -288,6 +288,9 @@ def _unsupported(tmp: Path) -> Path:
     ("missing-data", "--data"),
     ("text-too-short", "fewer than the length 256"),
     ("bad-lengths", "--lengths: got '64,x'"),
+    ("short-length", "--lengths: got [8]"),
+    ("no-samples", "--samples: got 0"),
+    ("band-top", "--band-top: got 1.5"),
 ])
 def test_bad_input_is_one_line_and_exit_2(planted, tmp_path, monkeypatch, capsys, case, expected):
     root, dirs = planted
@@ -303,6 +306,9 @@ def test_bad_input_is_one_line_and_exit_2(planted, tmp_path, monkeypatch, capsys
         "text-too-short": ["--model", llama, "--tokenizer", "byte", "--data",
                            f"text:{tmp_path}/short.txt", "--lengths", "256"],
         "bad-lengths": ["--model", llama, "--lengths", "64,x"],
+        "short-length": ["--model", llama, "--lengths", "8"],
+        "no-samples": ["--model", llama, "--samples", "0"],
+        "band-top": ["--model", llama, "--band-top", "1.5"],
     }[case]
     assert probe_cli.main(argv) == 2
     err = capsys.readouterr().err.strip()

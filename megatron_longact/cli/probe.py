@@ -23,11 +23,11 @@ import dataclasses
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from megatron_longact.config import ConfigError
+from megatron_longact.config import ConfigError, check_choice
 from megatron_longact.errors import ArgumentParser, UsageError, cli_entry
 
 PROG = "longact-probe"
@@ -59,6 +59,55 @@ def parse_args(argv=None):
 
 
 @dataclass
+class ProbeConfig:
+    """What ``longact-probe`` measures, on what (filled from the command line; fields named as the
+    flags, which the errors name)."""
+
+    model: str
+    """Hugging Face folder, trainer checkpoint (folder or root) or hf-to-mcore folder."""
+    data: str = "ruler"
+    """ruler | text:FILE | longbench-v2:FILE | records:FILE, or a path taken by its suffix."""
+    lengths: list[int] = field(default_factory=lambda: [1024, 4096])
+    """Context lengths in tokens (at least 16; at most the model's max_position_embeddings)."""
+    samples: int = 4
+    """Inputs per length."""
+    tasks: list[str] = field(default_factory=lambda: ["niah_single_1"])
+    """RULER tasks (``data: ruler``)."""
+    tokenizer: str | None = None
+    """``byte`` or a local tokenizer folder; None: the model folder's or the run config's."""
+    config: str | None = None
+    """Run config for a megatron checkpoint (a trainer checkpoint's saved one otherwise)."""
+    stat: str | None = None
+    """mean_abs | rms | max_abs; None: the run config's longact.stat, else mean_abs."""
+    dtype: str | None = None
+    """bf16 | fp32 | fp16 compute dtype for a Hugging Face folder; None: the checkpoint's."""
+    bands: int = 4
+    """RoPE frequency bands of the pair index."""
+    band_top: float = 0.05
+    """Fraction of each layer's top channels whose bands are counted."""
+    out: str | None = None
+    """Output folder; None: probe/<model folder name>."""
+    title: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lengths or min(self.lengths) < 16:
+            raise ConfigError(f"--lengths: got {self.lengths}, expected lengths of 16 tokens or more")
+        self.lengths = sorted(set(self.lengths))
+        if self.samples < 1:
+            raise ConfigError(f"--samples: got {self.samples}, expected a positive number of inputs")
+        if not self.tasks:
+            raise ConfigError("--tasks: empty; give at least one RULER task")
+        if self.stat is not None:
+            check_choice("--stat", self.stat, ("mean_abs", "rms", "max_abs"))
+        if self.dtype is not None:
+            check_choice("--dtype", self.dtype, ("bf16", "fp32", "fp16"))
+        if self.bands < 1:
+            raise ConfigError(f"--bands: got {self.bands}, expected a positive number")
+        if not 0.0 < self.band_top <= 1.0:
+            raise ConfigError(f"--band-top: got {self.band_top}, expected a fraction in (0, 1]")
+
+
+@dataclass
 class Plan:
     """Everything checked before the model is built."""
 
@@ -81,9 +130,7 @@ def _int_list(text: str) -> list[int]:
     except ValueError:
         raise UsageError(f"--lengths: got {text!r}, expected comma-separated integers such as "
                          "1024,4096") from None
-    if not values or min(values) < 16:
-        raise UsageError(f"--lengths: got {text!r}, expected at least one length of 16 tokens or more")
-    return sorted(set(values))
+    return values
 
 
 def _resolve_model(args):
@@ -221,16 +268,14 @@ def build_inputs(kind: str, path: str | None, lengths: list[int], samples: int, 
 
 def prepare(argv=None) -> Plan:
     """Parse and check everything; no process group and no model yet."""
-    args = parse_args(argv)
+    a = parse_args(argv)
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise UsageError("longact-probe runs in one process (TP=PP=1); start it without torchrun")
-    if args.samples < 1:
-        raise UsageError(f"--samples: got {args.samples}, expected a positive number of inputs")
-    if args.bands < 1:
-        raise UsageError(f"--bands: got {args.bands}, expected a positive number")
-    if not 0.0 < args.band_top <= 1.0:
-        raise UsageError(f"--band-top: got {args.band_top}, expected a fraction in (0, 1]")
-    lengths = _int_list(args.lengths)
+    args = ProbeConfig(model=a.model, data=a.data, lengths=_int_list(a.lengths), samples=a.samples,
+                       tasks=[t.strip() for t in a.tasks.split(",") if t.strip()],
+                       tokenizer=a.tokenizer, config=a.config, stat=a.stat, dtype=a.dtype,
+                       bands=a.bands, band_top=a.band_top, out=a.out, title=a.title)
+    lengths = args.lengths
     data_kind, data_path = _data_spec(args.data)
     kind, cfg, load, run_tok, prompt, run = _resolve_model(args)
     if args.dtype and kind != "hf":
@@ -253,9 +298,8 @@ def prepare(argv=None) -> Plan:
     ruler_template = None
     if run is not None:
         ruler_template = {"template": run.data.ruler.template, "number_digits": run.data.ruler.number_digits}
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     inputs = build_inputs(data_kind, data_path, lengths, args.samples, tokenizer, prompt,
-                          tasks=tasks, ruler_template=ruler_template)
+                          tasks=args.tasks, ruler_template=ruler_template)
     stat = args.stat or (run.longact.stat if run is not None else "mean_abs")
     out = Path(args.out) if args.out else Path("probe") / Path(args.model).resolve().name
     return Plan(cfg, load, inputs, stat, str(args.model), kind, args.data, out, args.bands,

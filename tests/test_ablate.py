@@ -98,6 +98,14 @@ def test_finished_runs_are_read_not_rerun_and_warm_start_is_shared(tmp_path, mon
     assert ablate.main(argv) == 0
     assert calls == []  # everything finished: nothing rerun
     assert "Runs finished: 4 of 4." in (out / "results.md").read_text()
+    # --report-only: a missing run is reported as missing, never started.
+    import shutil
+
+    shutil.rmtree(out / "topk_seed2")
+    assert ablate.main(argv + ["--report-only"]) == 0
+    assert calls == []
+    text = (out / "results.md").read_text()
+    assert "Runs finished: 3 of 4. (partial results)" in text and "| topk | 1 |" in text
 
 
 def test_reference_must_be_a_strategy(capsys, monkeypatch):

@@ -7,7 +7,8 @@ For each seed, the SFT warm start runs once (LongAct is only installed for RL, s
 every strategy); each strategy then resumes from that checkpoint and runs the RL phase and the
 evaluation. Each run is a separate ``longact-train`` process (use ``--launcher`` to wrap it, e.g.
 ``"torchrun --nproc-per-node 8"``). A run whose ``history.json`` already exists is read, not rerun,
-so an interrupted ablation continues where it stopped. Writes ``results.md`` and ``results.json``
+so an interrupted ablation continues where it stopped; ``--report-only`` starts no run and reports
+the runs that finished. Writes ``results.md`` and ``results.json``
 under ``--out`` after every run: final reward (mean of the last ``--tail`` RL steps) and evaluation
 accuracy per length, as mean and standard deviation over seeds (evaluation scores in percent), every
 run's own values, and a paired comparison of ``--reference`` (default ``topk``) against each other
@@ -41,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--tail", type=int, default=20, help="RL steps averaged for the final reward")
     p.add_argument("--reference", default="topk",
                    help="strategy compared seed by seed against each other strategy (default topk)")
+    p.add_argument("--report-only", action="store_true",
+                   help="start no run: write results.md / results.json from the runs that finished")
     p.add_argument("--launcher", default=f"{shlex.quote(sys.executable)} -m",
                    help="command prefix that runs a python module (default: this python -m)")
     p.add_argument("overrides", nargs="*")
@@ -208,6 +211,8 @@ def main(argv=None) -> int:
         warm_ckpt = iter_dir(warm / "checkpoints", sft_steps)
         for strategy in strategies:
             run_dir = out / f"{strategy}_seed{seed}"
+            if args.report_only and not (run_dir / "history.json").is_file():
+                continue
             if not (run_dir / "history.json").is_file():
                 if sft_steps and not warm_ckpt.is_dir():
                     _run(args.launcher, args.config, common + [
@@ -226,6 +231,8 @@ def main(argv=None) -> int:
             lines, result = summarize(runs, strategies, seeds, args.reference, header)
             (out / "results.md").write_text("\n".join(lines) + "\n")
             (out / "results.json").write_text(json.dumps(result, indent=1))
+    if not runs:
+        raise UsageError(f"--out {out}: no finished run (history.json) to report")
     print("\n".join(lines))
     return 0
 

@@ -60,6 +60,7 @@ setup(
             "longact-plan=megatron_longact.cli.plan:main",
             "longact-eval=megatron_longact.cli.eval:main",
             "longact-ablate=megatron_longact.cli.ablate:main",
+            "longact-probe=megatron_longact.cli.probe:main",
         ],
     },
 )

@@ -38,7 +38,7 @@ fi
 (cd "$work" && "$work/venv/bin/python" -c 'import megatron_longact, sys; p = megatron_longact.__file__; sys.exit(0 if p.startswith(sys.argv[1]) else "megatron_longact imported from " + p)' "$work/venv")
 mkdir "$work/elsewhere"
 cd "$work/elsewhere"
-for cli in longact-train longact-convert longact-plan longact-eval longact-ablate; do
+for cli in longact-train longact-convert longact-plan longact-eval longact-ablate longact-probe; do
     "$work/venv/bin/$cli" --help > /dev/null
 done
 "$work/venv/bin/longact-train" --config demo_cpu train.steps=1 sft.steps=1 sft.batch_size=4 \

@@ -58,7 +58,7 @@ fi
 
 
 def test_scripts_parse():
-    assert len(SBATCH) == 4, SBATCH
+    assert len(SBATCH) == 6, SBATCH
     for script in SCRIPTS:
         proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
@@ -104,6 +104,7 @@ def _env(path: Path) -> dict:
 @pytest.mark.parametrize("script,nodes,config", [
     ("qwen3_8b_grpo_1node.sbatch", 1, "configs/qwen3_8b_grpo.yaml"),
     ("qwen3_8b_grpo_2node.sbatch", 2, "configs/qwen3_8b_grpo.yaml"),
+    ("qwen3_8b_dapo_1node.sbatch", 1, "configs/qwen3_8b_dapo.yaml"),
     ("llama3_70b_grpo_64k.sbatch", 8, "configs/llama3_70b_grpo_64k.yaml"),
     ("llama3_70b_grpo_64k_fp8.sbatch", 8, "configs/llama3_70b_grpo_64k_fp8.yaml"),
 ])
@@ -138,6 +139,26 @@ def test_sbatch_launch_line_and_environment(fake_env, script, nodes, config):
         assert launched["NVTE_ASYNC_AMAX_REDUCTION"] == "1"
     plan = (tmp / "run" / "logs" / f"plan-{JOB_ID}-r0.txt").read_text()
     assert f"{nodes * 8} GPUs = {nodes} nodes x 8" in plan
+
+
+def test_probe_script_runs_the_probe_on_one_gpu(fake_env):
+    """Step 0 of the recipe: the probe sbatch runs longact-probe (for real, on a tiny local model)."""
+    transformers = pytest.importorskip("transformers")
+    env, log, tmp = fake_env
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256))
+    model.save_pretrained(tmp / "tiny")
+    (tmp / "text.txt").write_text("a long enough text for two windows of 64 tokens. " * 8)
+    env.update(MODEL=str(tmp / "tiny"), DATA=f"text:{tmp}/text.txt", LENGTHS="32,64", SAMPLES="2",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(SLURM / "qwen3_8b_probe.sbatch"), "--tokenizer", "byte"],
+                          env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert _lines(log / "srun.args")[:4] == ["--ntasks=1", sys.executable, "-m",
+                                             "megatron_longact.cli.probe"]
+    assert "#SBATCH --gpus-per-node=1" in _lines(SLURM / "qwen3_8b_probe.sbatch")
+    assert (tmp / "run" / "probe" / "probe.json").is_file()
 
 
 def test_site_settings_are_kept(fake_env):

@@ -8,6 +8,9 @@ Hook points (the same for the local and the Transformer Engine layer specs, whic
 - ``post_rope``: a forward pre-hook on ``self_attention.core_attention``; its query/key inputs are
   what attention consumes. RoPE rotates channel pairs (d, d + D/2), so the per-channel value used is
   the pair norm, which RoPE leaves unchanged.
+- ``v`` (optional, ``collect_v=True``; off in training): the value input of the same
+  ``core_attention`` pre-hook, ``|v|`` per channel (no RoPE, so no pair norm), whatever ``point``
+  is. LongAct never masks W_V; the statistic is a control for diagnostics (``longact-probe``).
 
 Tensors seen by the hooks: ``q_SBHD`` [seq, batch, local query heads, head dim] and ``k_SBGD``
 [seq, batch, local key groups, head dim]. Accumulators are fp32, detached, indexed by
@@ -38,12 +41,14 @@ from megatron_longact.runtime import collectives
 class GlobalStats:
     """Statistics of the whole global batch, identical on every rank.
 
-    ``q_LC`` [L, Cq] and ``k_LC`` [L, Ck] in global channel order; ``tokens_L`` [L] counts.
+    ``q_LC`` [L, Cq] and ``k_LC`` [L, Ck] in global channel order; ``tokens_L`` [L] counts;
+    ``v_LC`` [L, Ck] (value channels, same layout as the key channels) only with ``collect_v``.
     """
 
     q_LC: torch.Tensor
     k_LC: torch.Tensor
     tokens_L: torch.Tensor
+    v_LC: torch.Tensor | None = None
 
 
 class StatsCollector:
@@ -57,10 +62,12 @@ class StatsCollector:
     """
 
     def __init__(self, gpt_models: list, geometry: QKGeometry, *, stat: str = "mean_abs",
-                 point: str = "pre_rope", tp_rank: int = 0, tp_size: int = 1):
+                 point: str = "pre_rope", tp_rank: int = 0, tp_size: int = 1,
+                 collect_v: bool = False):
         self.geometry = geometry
         self.stat = stat
         self.point = point
+        self.collect_v = collect_v
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.enabled = True
         heads, groups, owner = geometry.local_heads(tp_rank, tp_size)
@@ -96,7 +103,7 @@ class StatsCollector:
                         "layer spec builds none (use a megatron GPT layer spec or point=post_rope)"
                     )
                 self._handles.append(module.register_forward_hook(self._make_output_hook(slot, which)))
-        else:
+        if self.point != "pre_rope" or self.collect_v:
             self._handles.append(attn.core_attention.register_forward_pre_hook(
                 self._make_core_attention_hook(slot), with_kwargs=True))
 
@@ -107,10 +114,13 @@ class StatsCollector:
 
     def _make_core_attention_hook(self, slot: int):
         def hook(module, args, kwargs):
-            query = args[0] if len(args) > 0 else kwargs["query"]
-            key = args[1] if len(args) > 1 else kwargs["key"]
-            self._observe(slot, "q", query)
-            self._observe(slot, "k", key)
+            if self.point != "pre_rope":
+                query = args[0] if len(args) > 0 else kwargs["query"]
+                key = args[1] if len(args) > 1 else kwargs["key"]
+                self._observe(slot, "q", query)
+                self._observe(slot, "k", key)
+            if self.collect_v:
+                self._observe(slot, "v", args[2] if len(args) > 2 else kwargs["value"])
         return hook
 
     def remove_hooks(self) -> None:
@@ -126,13 +136,15 @@ class StatsCollector:
         device = self._device or torch.device("cpu")
         self._q = torch.zeros(n, g.q_channels, dtype=torch.float32, device=device)
         self._k = torch.zeros(n, g.k_channels, dtype=torch.float32, device=device)
+        self._v = torch.zeros(n, g.k_channels if self.collect_v else 0, dtype=torch.float32,
+                              device=device)
         self._count = torch.zeros(n, dtype=torch.float64, device=device)
         self._seen.clear()
 
     def _to_device(self, device: torch.device) -> None:
         # Accumulate where the activations live: no host sync inside the forward pass.
         self._device = device
-        for name in ("_q", "_k", "_count", "_q_idx", "_k_idx", "_k_owner"):
+        for name in ("_q", "_k", "_v", "_count", "_q_idx", "_k_idx", "_k_owner"):
             setattr(self, name, getattr(self, name).to(device))
 
     def begin_microbatch(self, token_mask_SB: torch.Tensor | None = None) -> None:
@@ -171,7 +183,7 @@ class StatsCollector:
             self._to_device(x_SBND.device)
         with torch.no_grad():
             x = x_SBND.detach().float()
-            if self.point == "post_rope":
+            if self.point == "post_rope" and which != "v":
                 half = x.shape[-1] // 2
                 pair = torch.sqrt(x[..., :half] ** 2 + x[..., half:] ** 2)
                 x = torch.cat([pair, pair], dim=-1)
@@ -197,7 +209,7 @@ class StatsCollector:
                 target, idx = self._q, self._q_idx
                 self._count[slot] += mask.sum().to(torch.float64)
             else:
-                target, idx = self._k, self._k_idx
+                target, idx = (self._k, self._k_idx) if which == "k" else (self._v, self._k_idx)
                 value = value * self._k_owner  # a shared key group is reported by its owner only
             if self.stat == "max_abs":
                 target[slot, idx] = torch.maximum(target[slot, idx], value)
@@ -218,33 +230,42 @@ class StatsCollector:
         """
         max_op = self.stat == "max_abs"
         q, k = self._q.clone(), self._k.clone()
+        v = self._v.clone() if self.collect_v else None
         count = self._count.clone()
         if _size(dp_cp_group) > 1:
             op = "max" if max_op else "sum"
             collectives.all_reduce(q, dp_cp_group, op)
             collectives.all_reduce(k, dp_cp_group, op)
+            if v is not None:
+                collectives.all_reduce(v, dp_cp_group, op)
             collectives.all_reduce(count, dp_cp_group)
         if not max_op:
             denom = count.clamp(min=1.0).to(torch.float32)[:, None]
             q, k = q / denom, k / denom
+            v = None if v is None else v / denom
             if self.stat == "rms":
                 q, k = q.sqrt(), k.sqrt()
+                v = None if v is None else v.sqrt()
         L, device = self.geometry.num_layers, q.device
         q_LC = torch.zeros(L, self.geometry.q_channels, device=device)
         k_LC = torch.zeros(L, self.geometry.k_channels, device=device)
+        v_LC = None if v is None else torch.zeros(L, self.geometry.k_channels, device=device)
         tokens_L = torch.zeros(L, dtype=torch.float64, device=device)
         layers = torch.tensor(self._layers, dtype=torch.long, device=device)
         q_LC[layers] = q
         k_LC[layers] = k
+        if v_LC is not None:
+            v_LC[layers] = v
         if self.tp_rank == 0:
             tokens_L[layers] = count
         for group in (tp_group, pp_group):
             if _size(group) > 1:
-                for t in (q_LC, k_LC, tokens_L):
+                for t in (q_LC, k_LC, tokens_L) + (() if v_LC is None else (v_LC,)):
                     collectives.all_reduce(t, group)
         if reset:
             self.reset()
-        return GlobalStats(q_LC.cpu(), k_LC.cpu(), tokens_L.cpu())
+        return GlobalStats(q_LC.cpu(), k_LC.cpu(), tokens_L.cpu(),
+                           None if v_LC is None else v_LC.cpu())
 
 
 def _size(group) -> int:

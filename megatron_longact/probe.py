@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_longact.longact.metrics import jaccard_L
+from megatron_longact.longact.state import jaccard_L
 from megatron_longact.longact.selection import keep_count, select_rows
 
 KINDS = ("q_pre", "q_post", "k_pre", "k_post", "v")

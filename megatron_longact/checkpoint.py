@@ -33,7 +33,6 @@ stops with one line that says how to rename them.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil

@@ -1,7 +1,6 @@
 """longact-ablate: per-run values, the paired comparison, reuse of finished runs and warm starts."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

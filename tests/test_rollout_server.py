@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist_harness import free_port, run_distributed
-from tests.test_rollout_vllm import LOGPROB_TOL, ROOT, _alive, _config, _model_cfg, _parity
+from tests.test_rollout_vllm import LOGPROB_TOL, _alive, _config, _model_cfg, _parity
 
 if importlib.util.find_spec("vllm") is None and not os.environ.get("CI"):
     pytest.skip("vllm is not installed (pip install -e '.[vllm]'); CI always runs these tests",

@@ -275,8 +275,6 @@ def test_sigterm_during_rollout_saves_and_resume_syncs_the_engine(tmp_path):
 
 
 def _host_that_forgets_to_close(folder, out):
-    import os as _os
-
     from megatron_longact.rollout.vllm_engine import EngineProcess
 
     engine = EngineProcess({"llm": dict(model=folder, dtype="float32", enforce_eager=True,

@@ -509,18 +509,19 @@ class Trainer:
         # An external engine's log-probs come from other numerics: the ratio's pi_old is always
         # megatron's own forward, which the mismatch metric and the IS correction also need.
         external = self.rollout is not None and self.rollout.external
-        if external or needs_old_log_prob_forward(rl.ppo_epochs, rl.mini_batches, rl.old_log_probs):
-            old_lp = _full_width(sequence_log_probs(
-                self.engine.model[0], tokens.to(self.runtime.device), vocab_size=self.tokenizer.vocab_size,
+
+        def teacher_forced_log_probs(model) -> torch.Tensor:
+            return _full_width(sequence_log_probs(
+                model, tokens.to(self.runtime.device), vocab_size=self.tokenizer.vocab_size,
                 temperature=rl.temperature, micro_batch_size=cfg.train.micro_batch_size, groups=groups,
                 cp_group=_cp_group(self.cp)).cpu())
+
+        if external or needs_old_log_prob_forward(rl.ppo_epochs, rl.mini_batches, rl.old_log_probs):
+            old_lp = teacher_forced_log_probs(self.engine.model[0])
         # Reference log-probs for the KL term (rl.kl_coef > 0); zeros stand in otherwise.
         ref_lp = torch.zeros(n, S)
         if self.ref_model is not None:
-            ref_lp = _full_width(sequence_log_probs(
-                self.ref_model, tokens.to(self.runtime.device), vocab_size=self.tokenizer.vocab_size,
-                temperature=rl.temperature, micro_batch_size=cfg.train.micro_batch_size, groups=groups,
-                cp_group=_cp_group(self.cp)).cpu())
+            ref_lp = teacher_forced_log_probs(self.ref_model)
         rollout_metrics = {}
         if external:
             adv, rollout_metrics = self._mismatch(batch, gen, old_lp, resp_mask, adv, S)

@@ -8,15 +8,29 @@ generate for their own prompts and never talk to each other here.
 How it generates
 ----------------
 KV cache (default, ``kv_cache=True``): megatron-core's ``StaticInferenceContext`` is passed to
-``GPTModel.forward(inference_context=...)``; attention keeps keys and values per layer. The loop is
-the one of megatron's static text-generation controller: prompts are right-padded and start at
-position 0; the first forward runs over the shortest prompt (causal prefill), then every step feeds
-one column for all rows. A row whose prompt is longer than the current column is teacher-forced with
-its own prompt token; a row past its prompt samples. Each row's tokens therefore sit at positions
-0..n-1 with no padding before them, which is what megatron's RoPE assumes: GPTModel ignores
-``position_ids`` for RoPE (positions are implicit 0..S-1, offset by the cache), so left-padding
-would shift every position and cannot be used with it. Cost: the prompt part beyond the shortest
-prompt is fed one column per step, so batch prompts of similar length together.
+``GPTModel.forward(inference_context=...)``; attention keeps keys and values per layer. One cache
+offset is shared by all rows, so rows must place their next token in the same column. Two layouts
+do that:
+
+- Left-padded (``padding="left"``; what ``"auto"`` picks for prompts of different lengths): each
+  prompt is right-aligned at the longest one, one prefill runs over all prompt columns and then one
+  forward per new token serves every row, as Hugging Face's ``generate`` does. Padding columns are
+  hidden by an attention mask (a pad column sees only itself, so no softmax row is empty). Positions
+  need no change although a row's tokens now sit at columns pad..pad+n-1: megatron's GPTModel
+  ignores ``position_ids`` for RoPE (positions are the columns), and RoPE attention depends only on
+  the difference of the query and key positions (rotations compose: R(m)q . R(n)k = q . R(n-m)k),
+  so a row shifted by ``pad`` columns attends exactly as at positions 0..n-1, up to the rounding of
+  the rotation angles (the tests check the log-probs against teacher-forced ones at 1e-5). This
+  needs a core attention that honours a given mask in every forward: megatron's local one and the
+  SDPA one (models/attention.py) do; Transformer Engine's ignores masks under its causal and
+  no-mask types. ``"auto"`` also keeps the prefill mask (one bool per row, query and key) under
+  ``MAX_PREFILL_MASK_BYTES``; long mixed-length prompts take the right-padded path.
+- Right-padded (``padding="right"``, and ``"auto"`` otherwise): the loop of megatron's static
+  text-generation controller. Prompts start at column 0; the first forward runs over the shortest
+  prompt (causal prefill), then every step feeds one column for all rows. A row whose prompt is
+  longer than the current column is teacher-forced with its own prompt token; a row past its prompt
+  samples. The prompt part beyond the shortest prompt is fed one column per step, so prompts whose
+  lengths differ by more than ``max_prompt_spread`` run as separate sub-batches.
 
 Memory: rows run in sub-batches whose memory fits ``memory_budget`` (default on CUDA: 85% of the
 free device memory when generation starts; unbounded on the CPU). Each row costs its static KV
@@ -266,10 +280,11 @@ def _position_ids(tokens_BS: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_rows(model, tokens_BS: torch.Tensor, rows_pos_B: torch.Tensor | None, inference_context,
-                  is_last_stage: bool) -> torch.Tensor | None:
+                  is_last_stage: bool, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """One forward-only pass through megatron's schedule; on the last stage returns each row's
     logits at position ``rows_pos_B`` (None: the last position) as [B, Vl], vocab-parallel without
-    an inference context and already gathered over TP with one."""
+    an inference context and already gathered over TP with one. ``attention_mask`` (megatron's
+    convention, True = hidden) goes to every layer's core attention."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batch, seq = tokens_BS.shape
@@ -282,10 +297,10 @@ def _forward_rows(model, tokens_BS: torch.Tensor, rows_pos_B: torch.Tensor | Non
     def forward_step(data_iterator, chunk):
         tokens = next(data_iterator)
         if inference_context is None:
-            out = chunk(tokens, _position_ids(tokens), None)
+            out = chunk(tokens, _position_ids(tokens), attention_mask)
         else:
             # GPTModel insists on gathering the TP logits itself when given an inference context.
-            out = chunk(tokens, _position_ids(tokens), None, inference_context=inference_context,
+            out = chunk(tokens, _position_ids(tokens), attention_mask, inference_context=inference_context,
                         runtime_gather_output=True)
         return out, loss_func
 
@@ -387,9 +402,16 @@ def _model_bytes_per_row(gpt, groups: "ModelParallelGroups", width: int, prefill
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
         head_dim=cfg.kv_channels, padded_vocab_size=gpt.vocab_size, tp=groups.tp_size, width=width,
         prefill=prefill, dtype_bytes=cfg.params_dtype.itemsize,
-        # Transformer Engine's attention is fused (flash/cuDNN: no score matrix); the local one is not.
-        fused_attention=type(gpt.decoder.layers[0].self_attention.core_attention).__name__.startswith("TE")
+        # Transformer Engine's and the SDPA attention are fused (flash/cuDNN/memory-efficient
+        # kernels: no score matrix); megatron's local one is not.
+        fused_attention=_fused_attention(gpt.decoder.layers[0].self_attention.core_attention)
         if len(gpt.decoder.layers) else True)
+
+
+def _fused_attention(core_attention) -> bool:
+    from megatron_longact.models.attention import SDPADotProductAttention
+
+    return isinstance(core_attention, SDPADotProductAttention) or type(core_attention).__name__.startswith("TE")
 
 
 def _default_memory_budget(device) -> int | None:
@@ -437,6 +459,28 @@ def _merge_outputs(outs: list, parts: list[list[int]], batch: int, width: int, p
     return merged
 
 
+# Largest prefill mask (bytes, one bool per row, query and key) the left-padded path builds; longer
+# mixed-length batches take the column-fed path, which needs no mask.
+MAX_PREFILL_MASK_BYTES = 64 * 2**20
+
+
+def _left_padded_ok(gpt, batch: int, prompt_len: int, check_size: bool = True) -> bool:
+    """Whether this model can decode left-padded rows. Padding is hidden by an attention mask, so
+    the core attention must honour a given mask in every forward: megatron's local attention and
+    the SDPA one do; Transformer Engine's ignores it under its causal and no-mask types. Positions
+    need nothing: see :func:`generate` (RoPE only sees position differences)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_longact.models.attention import SDPADotProductAttention
+
+    if getattr(gpt, "position_embedding_type", None) != "rope" or gpt.config.flash_decode:
+        return False
+    if not all(isinstance(layer.self_attention.core_attention, (DotProductAttention, SDPADotProductAttention))
+               for layer in gpt.decoder.layers):
+        return False
+    return not check_size or batch * prompt_len * prompt_len <= MAX_PREFILL_MASK_BYTES
+
+
 # --------------------------------------------------------------------------------------------------
 # Generation
 
@@ -445,7 +489,7 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
              vocab_size: int, sample_ids: Sequence[int] | None = None,
              groups: ModelParallelGroups | None = None, kv_cache: bool = True,
              max_prompt_spread: int | None = None, bucket: int = 64,
-             memory_budget: int | str | None = "auto") -> GenerationOutput:
+             memory_budget: int | str | None = "auto", padding: str = "auto") -> GenerationOutput:
     """Generate a response for each prompt (token ids, BOS included by the caller).
 
     ``model`` is this rank's chunk (GPTModel, or wrapped in Float16Module / DDP). ``vocab_size`` is
@@ -527,17 +571,27 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
             outs = [generate(model, [prompts[i] for i in part], sampling, eos_id=eos_id, pad_id=pad_id,
                              vocab_size=vocab_size, sample_ids=[ids[i] for i in part], groups=groups,
                              kv_cache=kv_cache, max_prompt_spread=max_prompt_spread, bucket=bucket,
-                             memory_budget=None)
+                             memory_budget=None, padding=padding)
                     for part in parts]
             return _merge_outputs(outs, parts, batch, width, pad_id)
-    if kv_cache:
+    prompt_len = int(lengths_B.max())
+    if padding not in ("auto", "left", "right"):
+        raise ValueError(f"padding: got {padding!r}, expected 'auto', 'left' or 'right'")
+    if padding == "left" and not (kv_cache and _left_padded_ok(gpt, batch, prompt_len, check_size=False)):
+        raise ValueError("padding: 'left' needs the KV cache and a core attention that honours an "
+                         "attention mask (model.core_attention sdpa or megatron, not Transformer Engine)")
+    left_padded = padding == "left" or (
+        padding == "auto" and kv_cache and int(lengths_B.min()) < prompt_len
+        and _left_padded_ok(gpt, batch, prompt_len))
+    if kv_cache and not left_padded:
         spread = n_new if max_prompt_spread is None else max_prompt_spread
         check_positive("max_prompt_spread", spread, allow_zero=True)
         parts = _length_groups(lengths_B.tolist(), spread)
         if len(parts) > 1:
             outs = [generate(model, [prompts[i] for i in part], sampling, eos_id=eos_id, pad_id=pad_id,
                              vocab_size=vocab_size, sample_ids=[ids[i] for i in part], groups=groups,
-                             kv_cache=True, max_prompt_spread=width, memory_budget=None)
+                             kv_cache=True, max_prompt_spread=width, memory_budget=None,
+                             padding="right")
                     for part in parts]
             return _merge_outputs(outs, parts, batch, width, pad_id)
 
@@ -572,20 +626,52 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
 
     def record(col_B: torch.Tensor, rows_B: torch.Tensor, chosen: torch.Tensor) -> None:
         """Write the chosen tokens of sampling rows at their columns and update the row states."""
-        for i in torch.nonzero(rows_B).flatten().tolist():
-            tok = int(chosen[i, 0])
-            k = int(generated_B[i])
-            tokens_BW[i, int(col_B[i])] = tok
-            log_probs_BN[i, k] = float(chosen[i, 1])
-            generated_B[i] = k + 1
-            if tok == eos_id:
-                hit_eos_B[i] = True
-                done_B[i] = True
-            elif k + 1 >= n_new:
-                done_B[i] = True
+        rows = torch.nonzero(rows_B).flatten()
+        tok = chosen[rows, 0].long()
+        k = generated_B[rows]
+        tokens_BW[rows, col_B[rows]] = tok
+        log_probs_BN[rows, k] = chosen[rows, 1].float()
+        generated_B[rows] = k + 1
+        eos = tok == eos_id
+        hit_eos_B[rows] |= eos
+        done_B[rows] |= eos | (k + 1 >= n_new)
 
     with _inference_mode(model):
-        if kv_cache:
+        if left_padded:
+            from megatron.core.inference.contexts import StaticInferenceContext
+
+            # Rows right-aligned at the longest prompt (see the docstring): every row's next token
+            # goes to the same column, so one prefill and one forward per new token serve all
+            # rows. Padding columns are hidden from every query but their own (so that no softmax
+            # row is empty and their cached keys and values stay finite).
+            pad_B = prompt_len - lengths_B
+            keys_BW = torch.arange(width)[None, :] >= pad_B[:, None]
+            left_BP = torch.full((batch, prompt_len), pad_id, dtype=torch.long)
+            for i, p in enumerate(prompts):
+                left_BP[i, prompt_len - len(p):] = torch.tensor(p)
+            causal_PP = torch.ones(prompt_len, prompt_len, dtype=torch.bool).tril()
+            eye_PP = torch.eye(prompt_len, dtype=torch.bool)
+            hidden_B1PP = ~((causal_PP[None] & keys_BW[:, None, :prompt_len]) | eye_PP[None]).unsqueeze(1)
+            context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=width)
+            context.materialize_only_last_token_logits = True
+            logits = _forward_rows(model, left_BP.to(device), None, context, groups.is_last_stage,
+                                   attention_mask=hidden_B1PP.to(device))
+            end = prompt_len
+            context.increment_sequence_len_offset(end)
+            context.enable_decode_mode()
+            while True:
+                rows_B = ~done_B
+                chosen = choose(logits, rows_B)
+                record(lengths_B + generated_B, rows_B, chosen)
+                if bool(done_B.all()):
+                    break
+                # Finished rows keep being fed (their results are ignored).
+                step_B1 = chosen[:, :1].long().to(device)
+                logits = _forward_rows(model, step_B1, None, context, groups.is_last_stage,
+                                       attention_mask=(~keys_BW[:, None, None, :end + 1]).to(device))
+                context.increment_sequence_len_offset(1)
+                end += 1
+        elif kv_cache:
             from megatron.core.inference.contexts import StaticInferenceContext
 
             context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=width)

@@ -294,7 +294,7 @@ def rollout_row_bytes(run: RunConfig, tp: int, pp: int, prefill: int) -> int:
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
         head_dim=cfg.kv_channels, padded_vocab_size=cfg.padded_vocab_size, tp=tp,
         width=run.train.seq_length, prefill=prefill, dtype_bytes=_DTYPE_BYTES[cfg.params_dtype],
-        fused_attention=cfg.transformer_impl != "local")
+        fused_attention=cfg.transformer_impl != "local" or cfg.core_attention == "sdpa")
 
 
 def stage_memory(run: RunConfig, parallel, stage: int, opts: PlanOptions,

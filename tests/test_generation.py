@@ -8,6 +8,7 @@ allow 1e-5. Tokens must match exactly: ties of random-init logits closer than th
 these prompts (the greedy margin is checked against the naive loop).
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -92,10 +93,19 @@ def _run_all(runtime, full: bool):
     if not full:
         return out
     out["sampled_recompute"] = generate(model, PROMPTS, SAMPLED, kv_cache=False, **kw)
-    # The default splits these prompts (lengths 21, 5, 18; spread 8) into two sub-batches; one
-    # batch feeds the longer prompts' tails one column per step instead.
+    # The default runs these prompts (lengths 21, 5, 18) left-padded in one batch. Right-padded,
+    # they split into two sub-batches (spread 8), or run as one batch that feeds the longer
+    # prompts' tails one column per step.
+    out["greedy_right"] = generate(model, PROMPTS, SamplingConfig(max_new_tokens=NEW), padding="right", **kw)
     out["greedy_one_batch"] = generate(model, PROMPTS, SamplingConfig(max_new_tokens=NEW),
-                                       max_prompt_spread=100, **kw)
+                                       max_prompt_spread=100, padding="right", **kw)
+    out["sampled_right"] = generate(model, PROMPTS, SAMPLED, padding="right", **kw)
+    out["sampled_full"] = generate(model, PROMPTS, SAMPLED, **kw)
+    # megatron's own core attention honours the left-padding mask too (same weights).
+    other, _ = build_model(dataclasses.replace(cfg, core_attention="megatron"), runtime.parallel)
+    reference_initialize(other, cfg, seed=11)
+    out["greedy_megatron_attention"] = generate(other, PROMPTS, SamplingConfig(max_new_tokens=NEW),
+                                                padding="left", **kw)
     out["sampled_again"] = generate(model, PROMPTS, SAMPLED, **kw)
     out["sampled_other_seed"] = generate(model, PROMPTS, SamplingConfig(
         temperature=0.9, top_k=40, top_p=0.95, max_new_tokens=NEW, seed=8), **kw)
@@ -141,8 +151,9 @@ def test_greedy_matches_naive_loop(single):
 
 
 def test_kv_cache_full_recompute_and_batching_agree(single):
-    for kv, re in (("greedy", "greedy_recompute"), ("sampled", "sampled_recompute"),
-                   ("greedy", "greedy_one_batch")):
+    for kv, re in (("greedy", "greedy_recompute"), ("sampled_full", "sampled_recompute"),
+                   ("greedy", "greedy_one_batch"), ("greedy", "greedy_right"),
+                   ("sampled_full", "sampled_right"), ("greedy", "greedy_megatron_attention")):
         assert torch.equal(single[kv].responses, single[re].responses), kv
         assert torch.allclose(single[kv].log_probs, single[re].log_probs, atol=1e-5), kv
 

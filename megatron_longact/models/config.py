@@ -46,6 +46,10 @@ class ModelConfig:
     """Dtype of the model weights; bf16 keeps fp32 main weights in the optimizer."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """Layer spec: auto uses Transformer Engine when it is importable and CUDA is present."""
+    core_attention: Literal["sdpa", "megatron"] = "sdpa"
+    """Core attention of the local layer spec: PyTorch's fused ``scaled_dot_product_attention``
+    (models/attention.py) or megatron's own ``DotProductAttention`` (materialised scores). Same
+    function up to rounding; Transformer Engine's spec always uses TE's attention."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation (megatron's recompute_granularity)."""
     fp8: Literal["none", "hybrid", "e4m3"] = "none"
@@ -61,6 +65,7 @@ class ModelConfig:
         check_positive("model.norm_epsilon", self.norm_epsilon)
         check_choice("model.family", self.family, ("qwen3", "qwen2", "llama3"))
         check_choice("model.fp8", self.fp8, ("none", "hybrid", "e4m3"))
+        check_choice("model.core_attention", self.core_attention, ("sdpa", "megatron"))
         if self.fp8 != "none" and self.transformer_impl == "local":
             raise ConfigError("model.fp8: FP8 needs transformer_impl 'transformer_engine' or 'auto', not 'local'")
         if self.fp8 != "none" and self.params_dtype != "bf16":

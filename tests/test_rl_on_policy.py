@@ -52,7 +52,12 @@ def test_on_policy_update_skips_the_old_log_prob_forward(tmp_path):
     assert auto[1]["rl/reward"] == recomputed[1]["rl/reward"]
     assert "train/grad_norm" in auto[1] and any("pg_loss" in k for k in auto[1])
     for key, value in auto[1].items():  # losses, ratios, grad norm, LongAct metrics
-        if not key.startswith(("perf/", "longact/")):
+        if key == "rl/entropy":
+            # Estimated from the sampler's log-probs when no old-log-prob forward runs: the same
+            # tokens and distribution, but generation's numerics (bf16 KV-cache decode of
+            # left-padded rows) rather than the teacher-forced forward's.
+            assert value == pytest.approx(recomputed[1][key], rel=1e-3), key
+        elif not key.startswith(("perf/", "longact/")):
             assert value == pytest.approx(recomputed[1][key], rel=1e-5, abs=1e-7), key
     for name, p in auto[2].items():
         torch.testing.assert_close(p, recomputed[2][name], rtol=1e-5, atol=1e-6, msg=name)

@@ -154,6 +154,12 @@ class Trainer:
             # The optimizer's fp32 main weights were copied from the model at construction.
             self.engine.optimizer.reload_model_params()
         self.handle = None
+        # Logits of the RL loss only over the micro-batch's response columns (last stage only).
+        self.out_window = None
+        if getattr(self.engine.gpt_models[0], "post_process", False):
+            from megatron_longact.models.output_window import OutputWindow
+
+            self.out_window = OutputWindow(self.engine.gpt_models[0])
         self.ref_model = None
         self.rollout = None  # the rollout engine (megatron_longact.rollout), built at first use
         self.step = 0
@@ -551,7 +557,7 @@ class Trainer:
                 fwd = partial(_rl_forward_step, self.handle, rl.algorithm, loss_cfg,
                               counts.loss_kwargs(), scale, self.tokenizer.vocab_size, rl.temperature,
                               (rl.kl_coef, rl.kl_estimator) if self.ref_model is not None else None,
-                              _cp_group(self.cp))
+                              _cp_group(self.cp), self.out_window)
                 out = train_step(self.engine, fwd, iter(mbs), len(mbs), S, mb)
                 self._after_update(out)
                 skipped += int(out["skipped"])
@@ -847,10 +853,15 @@ def _sft_forward_step(scale, cp_group, data_iterator, model):
 
 
 def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, temperature, kl, cp_group,
-                     data_iterator, model):
+                     out_window, data_iterator, model):
     """One micro-batch of the policy loss (plus ``kl = (coef, estimator)`` times the KL to the
     reference, aggregated with the policy loss's mode and global counts, as GRPO adds it). The
-    tensors of the micro-batch are this CP rank's parts (``cp_group`` None without CP)."""
+    tensors of the micro-batch are this CP rank's parts (``cp_group`` None without CP).
+
+    ``out_window`` (the last stage's :class:`~megatron_longact.models.output_window.OutputWindow`,
+    None elsewhere): the model computes logits only over the columns that hold response tokens of
+    this micro-batch part, and the loss cuts its labels, masks and log-probs to the same columns;
+    every other column has a zero response mask, so losses, metrics and gradients are unchanged."""
     from megatron_longact.generation import vocab_parallel_log_probs
     from megatron_longact.rl.kl import kl_loss
     from megatron_longact.rl.losses import policy_loss, resolve_settings
@@ -859,7 +870,17 @@ def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, tem
     tokens = mb["tokens"]
     if handle is not None:
         handle.begin_microbatch(mb["valid"], mb["resp_BS"])
-    output = model(tokens, mb["position_ids"], None)
+    if out_window is not None:
+        out_window.set(out_window.of_mask(mb["resp_mask"]))
+        try:
+            output = model(tokens, mb["position_ids"], None)
+        finally:
+            window = out_window.window
+            out_window.set(None)
+        mb = {k: (v[:, window] if window is not None and torch.is_tensor(v) and v.dim() == 2
+                  and k in ("labels", "resp_mask", "old_lp", "ref_lp") else v) for k, v in mb.items()}
+    else:
+        output = model(tokens, mb["position_ids"], None)
 
     def loss_func(logits_BSV):
         # Labels were shifted before the CP split: column t of this part predicts labels[t]; the

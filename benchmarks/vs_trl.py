@@ -4,8 +4,9 @@ Same tiny Qwen3-style model and weights (a Hugging Face model built from ``confi
 with a fixed seed, converted to a megatron checkpoint with ``longact-convert hf-to-mcore``), same
 prompts in the same order (the demo's RULER records, as our trainer draws them), same group size,
 completion length, reward (``prefix_match``), learning rate, clipping, one optimizer step per
-rollout batch, no KL term, fp32 on both sides. Each run is a fresh process; runs alternate
-(ours with LongAct, TRL, ours without LongAct, ...) so drift of a shared machine hits all sides alike.
+rollout batch computed as one micro-batch of all its rows, no KL term, fp32 on both sides. Each
+run is a fresh process; runs alternate (ours with LongAct, TRL, ours without LongAct, ...) so
+drift of a shared machine hits all sides alike.
 
 Prints, per side, the median seconds per step over all timed steps of all runs, split into rollout
 (generation and reward) and update (everything else in the step: old/ref log-probs if any, forward,
@@ -49,6 +50,10 @@ def _run_config(work: Path, steps: int, longact: bool, out: str, engine: str = "
             "evaluation.lengths": "[]", "checkpoint.resume": "none",
             "checkpoint.interval": 10 ** 6, "checkpoint.load_weights": str(work / "mcore"),
             "output.dir": out, "longact.enabled": str(longact).lower(), "rollout.engine": engine}
+    rl = load_run_config(DEMOS[engine]).rl
+    # The update runs as one micro-batch of all the step's rows on both sides (TRL: one batch of
+    # per_device_train_batch_size = prompts x group size, no gradient accumulation).
+    over["train.micro_batch_size"] = rl.prompts_per_step * rl.group_size
     return load_run_config(DEMOS[engine], [f"{k}={v}" for k, v in over.items()])
 
 

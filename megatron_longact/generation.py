@@ -499,10 +499,13 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
     Every rank of a model-parallel group must call this with the same prompts. See the module
     docstring for the algorithm, padding and log-prob conventions.
 
-    With the KV cache, prompts whose lengths differ by more than ``max_prompt_spread`` tokens
-    (default: ``max_new_tokens``) run as separate sub-batches one after the other: the part of a
-    prompt beyond the shortest one in its batch is fed one column per step, so a wide spread costs
-    more than another pass. ``bucket`` (full recompute only) rounds the forward width up.
+    ``padding`` (KV cache only): ``"left"`` right-aligns the prompts behind an attention mask (one
+    prefill, one forward per new token), ``"right"`` feeds the part of a prompt beyond the shortest
+    one column per step, ``"auto"`` takes left padding when the lengths differ and the model's
+    attention and the mask's size allow it (module docstring). Right-padded, prompts whose lengths
+    differ by more than ``max_prompt_spread`` tokens (default: ``max_new_tokens``) run as separate
+    sub-batches one after the other, since a wide spread costs more than another pass. ``bucket``
+    (full recompute only) rounds the forward width up.
 
     ``memory_budget`` (bytes; ``"auto"``: 85% of the free CUDA memory, unbounded on the CPU; None:
     unbounded) bounds the rows of each sub-batch by :func:`generation_bytes_per_row`; a budget
@@ -538,6 +541,8 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
     if sample_ids is not None and len(sample_ids) != batch:
         raise ValueError(f"sample_ids: got {len(sample_ids)} ids for {batch} prompts")
     check_positive("bucket", bucket)
+    if padding not in ("auto", "left", "right"):
+        raise ValueError(f"padding: got {padding!r}, expected 'auto', 'left' or 'right'")
     gpt = unwrap(model)
     lengths_B = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     width = int(lengths_B.max()) + n_new
@@ -575,8 +580,6 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
                     for part in parts]
             return _merge_outputs(outs, parts, batch, width, pad_id)
     prompt_len = int(lengths_B.max())
-    if padding not in ("auto", "left", "right"):
-        raise ValueError(f"padding: got {padding!r}, expected 'auto', 'left' or 'right'")
     if padding == "left" and not (kv_cache and _left_padded_ok(gpt, batch, prompt_len, check_size=False)):
         raise ValueError("padding: 'left' needs the KV cache and a core attention that honours an "
                          "attention mask (model.core_attention sdpa or megatron, not Transformer Engine)")

@@ -106,6 +106,12 @@ def _run_all(runtime, full: bool):
     reference_initialize(other, cfg, seed=11)
     out["greedy_megatron_attention"] = generate(other, PROMPTS, SamplingConfig(max_new_tokens=NEW),
                                                 padding="left", **kw)
+    out["padding_errors"] = []
+    for bad in (dict(padding="middle"), dict(padding="left", kv_cache=False)):
+        try:
+            generate(model, PROMPTS, SamplingConfig(max_new_tokens=NEW), **bad, **kw)
+        except ValueError as e:
+            out["padding_errors"].append(str(e))
     out["sampled_again"] = generate(model, PROMPTS, SAMPLED, **kw)
     out["sampled_other_seed"] = generate(model, PROMPTS, SamplingConfig(
         temperature=0.9, top_k=40, top_p=0.95, max_new_tokens=NEW, seed=8), **kw)
@@ -156,6 +162,11 @@ def test_kv_cache_full_recompute_and_batching_agree(single):
                    ("sampled_full", "sampled_right"), ("greedy", "greedy_megatron_attention")):
         assert torch.equal(single[kv].responses, single[re].responses), kv
         assert torch.allclose(single[kv].log_probs, single[re].log_probs, atol=1e-5), kv
+
+
+def test_bad_padding_choices_are_refused(single):
+    errors = single["padding_errors"]
+    assert len(errors) == 2 and "padding" in errors[0] and "KV cache" in errors[1], errors
 
 
 def test_eos_stops_each_row_and_truncation_is_flagged(single):

@@ -183,10 +183,13 @@ class StatsCollector:
             self._to_device(x_SBND.device)
         with torch.no_grad():
             x = x_SBND.detach().float()
-            if self.point == "post_rope" and which != "v":
+            # RoPE pair norms: both channels of a rotated pair get the pair's norm; the statistic
+            # is computed on the D/2 pairs and duplicated afterwards (on [heads, D], not on the
+            # activations).
+            paired = self.point == "post_rope" and which != "v"
+            if paired:
                 half = x.shape[-1] // 2
-                pair = torch.sqrt(x[..., :half] ** 2 + x[..., half:] ** 2)
-                x = torch.cat([pair, pair], dim=-1)
+                x = torch.hypot(x[..., :half], x[..., half:])
             else:
                 x = x.abs()
             S, B = x.shape[:2]
@@ -201,10 +204,13 @@ class StatsCollector:
                     )
                 mask = mask.to(device=x.device, dtype=torch.float32)
             if self.stat == "max_abs":
-                value = (x * mask[:, :, None, None]).amax(dim=(0, 1)).reshape(-1)
+                value_ND = (x * mask[:, :, None, None]).amax(dim=(0, 1))
             else:
                 xx = x * x if self.stat == "rms" else x
-                value = torch.einsum("sb,sbnd->nd", mask, xx).reshape(-1)
+                value_ND = torch.einsum("sb,sbnd->nd", mask, xx)
+            if paired:
+                value_ND = torch.cat([value_ND, value_ND], dim=-1)
+            value = value_ND.reshape(-1)
             if which == "q":
                 target, idx = self._q, self._q_idx
                 self._count[slot] += mask.sum().to(torch.float64)

@@ -852,6 +852,10 @@ def _sft_forward_step(scale, cp_group, data_iterator, model):
     return output, loss_func
 
 
+# Micro-batch entries in prediction space that only the RL loss reads (cut to the output window).
+_LOSS_COLUMNS = ("labels", "resp_mask", "old_lp", "ref_lp", "adv")
+
+
 def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, temperature, kl, cp_group,
                      out_window, data_iterator, model):
     """One micro-batch of the policy loss (plus ``kl = (coef, estimator)`` times the KL to the
@@ -877,8 +881,12 @@ def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, tem
         finally:
             window = out_window.window
             out_window.set(None)
-        mb = {k: (v[:, window] if window is not None and torch.is_tensor(v) and v.dim() == 2
-                  and k in ("labels", "resp_mask", "old_lp", "ref_lp") else v) for k, v in mb.items()}
+        if window is not None:
+            # Everything the loss reads per column (advantages too when they are per token, as
+            # with rollout.is_correction: tis); the model's inputs keep the full width.
+            width = tokens.shape[1]
+            mb = {k: (v[:, window] if k in _LOSS_COLUMNS and torch.is_tensor(v) and v.dim() == 2
+                      and v.shape[1] == width else v) for k, v in mb.items()}
     else:
         output = model(tokens, mb["position_ids"], None)
 

@@ -126,7 +126,9 @@ def test_vllm_engine_matches_megatron_and_syncs(tmp_path):
 def _config(tmp, out, **over):
     from megatron_longact.run_config import load_run_config
 
-    path = Path(tmp) / "run.yaml"
+    # One file per rank: the ranks of one test write their configs at the same time, and a rank
+    # reading a file another rank is rewriting sees it empty.
+    path = Path(tmp) / f"run{os.environ.get('RANK', '0')}.yaml"
     path.write_text(f"include: {ROOT / 'configs/model/tiny_vllm.yaml'}\n")
     overrides = {
         "train.mode": "rl", "train.steps": 3, "train.micro_batch_size": 4, "train.lr": 1e-2,

@@ -68,8 +68,9 @@ the tensor-parallel group (by megatron's output layer when the KV cache is used)
 ``vocab_size`` are the embedding's padding and can never be sampled). Temperature 0 is greedy
 (argmax, lowest id on ties). Otherwise logits are divided by the temperature, then top-k and top-p
 filter them, and the token is drawn by inverting the CDF with one uniform number per row and step.
-Each row owns a ``torch.Generator`` seeded from ``(seed, sample_id)``, so a row's samples do not
-depend on the batch it sits in or on the layout.
+Each row owns a counter-based random stream keyed by ``(seed, sample_id)`` (:func:`row_uniforms`:
+its k-th token uses draw k), so a row's samples do not depend on the batch it sits in, on the
+layout or on the padding path, and all rows draw in one vectorised call.
 
 ``log_probs`` are log-softmax of the fp32, temperature-scaled logits *before* top-k/top-p
 filtering, at the sampled token (temperature 0 counts as 1). That is the distribution the RL loss
@@ -116,7 +117,7 @@ class SamplingConfig:
     max_new_tokens: int = 128
     """Response budget per row; a row that reaches it without EOS is marked truncated."""
     seed: int = 1234
-    """Seed of the per-row generators (with each row's sample id)."""
+    """Seed of the per-row random streams (with each row's sample id)."""
 
     def __post_init__(self) -> None:
         check_positive("sampling.temperature", self.temperature, allow_zero=True)
@@ -422,9 +423,42 @@ def _default_memory_budget(device) -> int | None:
     return int(0.85 * free)
 
 
-def _row_generator(seed: int, sample_id: int) -> torch.Generator:
-    # Distinct, order-free streams per (seed, sample id); the constant is an odd 64-bit mixer.
-    return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + sample_id) % (2**63 - 1))
+_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment (2**64 / golden ratio, odd)
+_MASK64 = (1 << 64) - 1
+
+
+def _as_int64(x: int) -> int:
+    """A 64-bit pattern as the signed value an int64 tensor holds."""
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _shift_right(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finalizer, elementwise on int64 bit patterns (products wrap mod 2**64)."""
+    x = (x ^ _shift_right(x, 30)) * _as_int64(0xBF58476D1CE4E5B9)
+    x = (x ^ _shift_right(x, 27)) * _as_int64(0x94D049BB133111EB)
+    return x ^ _shift_right(x, 31)
+
+
+def row_keys(seed: int, sample_ids: Sequence[int]) -> torch.Tensor:
+    """Per-row stream keys, int64 [B]: a function of (seed, sample id) only."""
+    return _mix64(torch.tensor([_as_int64(seed * _GOLDEN + int(s)) for s in sample_ids],
+                               dtype=torch.long))
+
+
+def row_uniforms(keys_B: torch.Tensor, draws_B: torch.Tensor) -> torch.Tensor:
+    """float64 uniforms in [0, 1), one per row: draw number ``draws_B`` of each row's stream.
+
+    A counter-based generator (SplitMix64 of key + draw x golden increment, top 53 bits), so all
+    rows draw in one vectorised call and a row's numbers depend only on its key and draw index,
+    never on the batch it sits in or how many forwards it took to reach that draw."""
+    bits = _mix64(keys_B + draws_B.long() * _as_int64(_GOLDEN))
+    return _shift_right(bits, 11).double() * 2.0 ** -53
 
 
 def _length_groups(lengths: list[int], spread: int) -> list[list[int]]:
@@ -598,7 +632,7 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
                     for part in parts]
             return _merge_outputs(outs, parts, batch, width, pad_id)
 
-    generators = [_row_generator(sampling.seed, int(s)) for s in ids]
+    keys_B = row_keys(sampling.seed, ids)
 
     tokens_BW = torch.full((batch, width), pad_id, dtype=torch.long)
     for i, p in enumerate(prompts):
@@ -618,11 +652,8 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
             if groups.tp_size > 1 and full.shape[-1] != gpt.vocab_size:
                 full = gather_from_tensor_model_parallel_region(full, group=groups.tp)
             logits_BV = full[:, :vocab_size].float()
-            # One uniform per sampling row and step, from that row's own stream.
-            uniforms = torch.zeros(batch, dtype=torch.float64)
-            if sampling.temperature > 0:
-                for i in torch.nonzero(rows_B).flatten().tolist():
-                    uniforms[i] = torch.rand((), dtype=torch.float64, generator=generators[i])
+            # One uniform per row: the draw numbered by the tokens the row has made so far.
+            uniforms = row_uniforms(keys_B, generated_B) if sampling.temperature > 0 else None
             tok, lp = sample_tokens(logits_BV.cpu(), sampling, uniforms)
             values = torch.stack([tok.double(), lp.double()], dim=1)
         return _share_from_last_stage(values, (batch, 2), groups, device).cpu()

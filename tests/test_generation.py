@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -106,6 +107,13 @@ def _run_all(runtime, full: bool):
     reference_initialize(other, cfg, seed=11)
     out["greedy_megatron_attention"] = generate(other, PROMPTS, SamplingConfig(max_new_tokens=NEW),
                                                 padding="left", **kw)
+    # The cache of rotated keys against megatron's own path (keys cached before RoPE and the
+    # whole cache rotated at every step): the same values, bit for bit.
+    from megatron_longact.models.self_attention import CachedRopeSelfAttention
+
+    with mock.patch.object(CachedRopeSelfAttention, "_rotates_on_write", lambda *a: False):
+        out["greedy_megatron_cache"] = generate(model, PROMPTS, SamplingConfig(max_new_tokens=NEW),
+                                                padding="left", **kw)
     out["padding_errors"] = []
     for bad in (dict(padding="middle"), dict(padding="left", kv_cache=False)):
         try:
@@ -162,6 +170,12 @@ def test_kv_cache_full_recompute_and_batching_agree(single):
                    ("sampled_full", "sampled_right"), ("greedy", "greedy_megatron_attention")):
         assert torch.equal(single[kv].responses, single[re].responses), kv
         assert torch.allclose(single[kv].log_probs, single[re].log_probs, atol=1e-5), kv
+
+
+def test_rotated_key_cache_equals_megatrons_cache_bit_for_bit(single):
+    ours, theirs = single["greedy"], single["greedy_megatron_cache"]
+    assert torch.equal(ours.responses, theirs.responses)
+    assert torch.equal(ours.log_probs, theirs.log_probs)
 
 
 def test_bad_padding_choices_are_refused(single):
@@ -433,3 +447,35 @@ def _fp8_model_generates_in_bf16(runtime):
 def test_generation_runs_bf16_under_an_fp8_config_and_restores_it():
     lengths, fp8_after = run_distributed(_fp8_model_generates_in_bf16, timeout=240)[0]
     assert lengths == [3, 3] and fp8_after == "hybrid"
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix_mix(x: int) -> int:
+    """SplitMix64's finalizer in Python integers (no wrapping concerns), for row_uniforms."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def test_row_uniforms_match_splitmix64_and_look_uniform():
+    from megatron_longact.generation import row_keys, row_uniforms
+
+    golden = 0x9E3779B97F4A7C15
+    ids = [0, 1, 2, 7, 123456789]
+    keys = row_keys(seed=5, sample_ids=ids)
+    for i, sid in enumerate(ids):
+        assert keys[i].item() & _MASK64 == _splitmix_mix((5 * golden + sid) & _MASK64), sid
+    for draw in (0, 1, 2, 1000):
+        got = row_uniforms(keys, torch.full((len(ids),), draw))
+        for i, key in enumerate(keys.tolist()):
+            expected = (_splitmix_mix((key + draw * golden) & _MASK64) >> 11) * 2.0 ** -53
+            assert got[i].item() == expected, (ids[i], draw)
+    many = row_uniforms(row_keys(0, range(20000)), torch.zeros(20000))
+    assert 0.0 <= float(many.min()) and float(many.max()) < 1.0
+    assert abs(float(many.mean()) - 0.5) < 0.01
+    counts = torch.histc(many.float(), bins=10, min=0.0, max=1.0)
+    assert float(counts.min()) > 1800 and float(counts.max()) < 2200, counts
+    # The draws of one row are distinct numbers.
+    assert row_uniforms(row_keys(0, [3] * 1000), torch.arange(1000)).unique().numel() == 1000

@@ -117,16 +117,22 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig):
 
 def layer_spec(cfg: ModelConfig):
     """Transformer Engine's GPT layer spec, or megatron's local one with the core attention that
-    ``model.core_attention`` names (models/attention.py)."""
+    ``model.core_attention`` names (models/attention.py); either way with the self-attention whose
+    KV cache holds rotated keys (models/self_attention.py)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    from megatron_longact.models.self_attention import CachedRopeSelfAttention
+
+    # The spec functions build a fresh spec per call, so these edits touch no shared object.
     if use_transformer_engine(cfg):
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+        spec.submodules.self_attention.module = CachedRopeSelfAttention
+        return spec
     spec = specs.get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.module = CachedRopeSelfAttention
     if cfg.core_attention == "sdpa":
         from megatron_longact.models.attention import SDPADotProductAttention
 
-        # The spec function builds a fresh spec per call, so this edits no shared object.
         spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
     return spec
 

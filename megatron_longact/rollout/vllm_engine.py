@@ -46,7 +46,7 @@ from megatron_longact.rollout.weights import EngineGroups, gather_hf_weights
 
 
 def _row_seed(seed: int, sample_id: int) -> int:
-    # Per-row stream, a function of (seed, sample id) only (as generation._row_generator).
+    # Per-row seed, a function of (seed, sample id) only (as generation.row_keys).
     return (seed * 0x9E3779B97F4A7C15 + int(sample_id)) % (2**63 - 1)
 
 

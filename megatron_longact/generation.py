@@ -313,6 +313,37 @@ def _forward_rows(model, tokens_BS: torch.Tensor, rows_pos_B: torch.Tensor | Non
     return store[0] if is_last_stage else None
 
 
+def _prefill(model, tokens_BP: torch.Tensor, context, is_last_stage: bool, share: bool,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The first forward of a KV-cache generation, run once per distinct row.
+
+    GRPO and DAPO sample a group of responses per prompt, so a rollout batch holds each prompt
+    ``group`` times. Rows with the same tokens (and the same attention mask row) get the same
+    keys, values and logits, so the prefill runs on one row of each and the KV cache and the
+    logits are then copied to the repeats (:func:`share_cache_rows`); with long prompts that
+    divides the prefill, most of a rollout's work, by the group size."""
+    from megatron_longact.models.self_attention import share_cache_rows
+
+    batch = tokens_BP.shape[0]
+    if share and batch > 1:
+        rows_BX = tokens_BP.cpu()
+        if attention_mask is not None:
+            rows_BX = torch.cat([rows_BX, attention_mask.reshape(batch, -1).cpu().long()], dim=1)
+        _, inverse_B = torch.unique(rows_BX, dim=0, return_inverse=True)
+        distinct = int(inverse_B.max()) + 1
+        if distinct < batch:
+            first_U = torch.full((distinct,), batch, dtype=torch.long).scatter_reduce(
+                0, inverse_B, torch.arange(batch), reduce="amin")
+            index_U = first_U.to(tokens_BP.device)
+            logits = _forward_rows(model, tokens_BP.index_select(0, index_U), None, context, is_last_stage,
+                                   attention_mask=None if attention_mask is None
+                                   else attention_mask.index_select(0, index_U))
+            # Cache row u now holds distinct row u; row b takes the row of its prompt.
+            share_cache_rows(context, inverse_B, tokens_BP.shape[1])
+            return None if logits is None else logits.index_select(0, inverse_B.to(logits.device))
+    return _forward_rows(model, tokens_BP, None, context, is_last_stage, attention_mask=attention_mask)
+
+
 def _share_from_last_stage(values: torch.Tensor | None, shape: tuple, groups: ModelParallelGroups,
                            device) -> torch.Tensor:
     """Broadcast a float64 tensor from TP rank 0 of the last stage to every rank of the
@@ -523,7 +554,8 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
              vocab_size: int, sample_ids: Sequence[int] | None = None,
              groups: ModelParallelGroups | None = None, kv_cache: bool = True,
              max_prompt_spread: int | None = None, bucket: int = 64,
-             memory_budget: int | str | None = "auto", padding: str = "auto") -> GenerationOutput:
+             memory_budget: int | str | None = "auto", padding: str = "auto",
+             share_prompts: bool = True) -> GenerationOutput:
     """Generate a response for each prompt (token ids, BOS included by the caller).
 
     ``model`` is this rank's chunk (GPTModel, or wrapped in Float16Module / DDP). ``vocab_size`` is
@@ -540,6 +572,10 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
     differ by more than ``max_prompt_spread`` tokens (default: ``max_new_tokens``) run as separate
     sub-batches one after the other, since a wide spread costs more than another pass. ``bucket``
     (full recompute only) rounds the forward width up.
+
+    ``share_prompts`` (KV cache only): the prefill runs once per distinct prompt and its cache is
+    copied to the rows that repeat it (:func:`_prefill`); the results are those of a prefill of
+    every row.
 
     ``memory_budget`` (bytes; ``"auto"``: 85% of the free CUDA memory, unbounded on the CPU; None:
     unbounded) bounds the rows of each sub-batch by :func:`generation_bytes_per_row`; a budget
@@ -610,7 +646,7 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
             outs = [generate(model, [prompts[i] for i in part], sampling, eos_id=eos_id, pad_id=pad_id,
                              vocab_size=vocab_size, sample_ids=[ids[i] for i in part], groups=groups,
                              kv_cache=kv_cache, max_prompt_spread=max_prompt_spread, bucket=bucket,
-                             memory_budget=None, padding=padding)
+                             memory_budget=None, padding=padding, share_prompts=share_prompts)
                     for part in parts]
             return _merge_outputs(outs, parts, batch, width, pad_id)
     prompt_len = int(lengths_B.max())
@@ -628,7 +664,7 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
             outs = [generate(model, [prompts[i] for i in part], sampling, eos_id=eos_id, pad_id=pad_id,
                              vocab_size=vocab_size, sample_ids=[ids[i] for i in part], groups=groups,
                              kv_cache=True, max_prompt_spread=width, memory_budget=None,
-                             padding="right")
+                             padding="right", share_prompts=share_prompts)
                     for part in parts]
             return _merge_outputs(outs, parts, batch, width, pad_id)
 
@@ -688,8 +724,8 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
             hidden_B1PP = ~((causal_PP[None] & keys_BW[:, None, :prompt_len]) | eye_PP[None]).unsqueeze(1)
             context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=width)
             context.materialize_only_last_token_logits = True
-            logits = _forward_rows(model, left_BP.to(device), None, context, groups.is_last_stage,
-                                   attention_mask=hidden_B1PP.to(device))
+            logits = _prefill(model, left_BP.to(device), context, groups.is_last_stage, share_prompts,
+                              attention_mask=hidden_B1PP.to(device))
             end = prompt_len
             context.increment_sequence_len_offset(end)
             context.enable_decode_mode()
@@ -713,7 +749,10 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
             start, end = 0, int(lengths_B.min())
             while True:
                 window = tokens_BW[:, start:end].to(device)
-                logits = _forward_rows(model, window, None, context, groups.is_last_stage)
+                if start == 0:
+                    logits = _prefill(model, window, context, groups.is_last_stage, share_prompts)
+                else:
+                    logits = _forward_rows(model, window, None, context, groups.is_last_stage)
                 context.increment_sequence_len_offset(end - start)
                 # Rows past their prompt (and not finished) sample column `end`; the others are
                 # teacher-forced with their prompt token or finished.

@@ -114,6 +114,32 @@ def _run_all(runtime, full: bool):
     with mock.patch.object(CachedRopeSelfAttention, "_rotates_on_write", lambda *a: False):
         out["greedy_megatron_cache"] = generate(model, PROMPTS, SamplingConfig(max_new_tokens=NEW),
                                                 padding="left", **kw)
+    # Prompt sharing: each prompt twice (and one prompt three times), left- and right-padded
+    # (equal lengths take the right-padded path), with and without sharing the prefill.
+    import megatron_longact.generation as gen_module
+
+    repeated = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[0]]
+    same_length = [PROMPTS[0], PROMPTS[0], PROMPTS[0][:-1] + [7], PROMPTS[0]]
+    prefill_rows = []
+    real_forward = gen_module._forward_rows
+
+    def counting_forward(model_, tokens_BS, *a, **k):
+        prefill_rows.append(tokens_BS.shape)
+        return real_forward(model_, tokens_BS, *a, **k)
+
+    for name, rows_ in (("shared_left", repeated), ("shared_right", same_length)):
+        for share in (True, False):
+            for sampling_ in (SamplingConfig(max_new_tokens=NEW), SAMPLED):
+                prefill_rows.clear()
+                with mock.patch.object(gen_module, "_forward_rows", counting_forward):
+                    got = generate(model, rows_, sampling_, share_prompts=share,
+                                   sample_ids=list(range(len(rows_))), **kw)
+                key = f"{name}_{'on' if share else 'off'}_{'sampled' if sampling_.temperature else 'greedy'}"
+                out[key] = (got, prefill_rows[0])
+    # megatron's cache layout ([sequence, batch, ...], with megatron's core attention).
+    for share in (True, False):
+        out[f"shared_megatron_{'on' if share else 'off'}"] = generate(
+            other, repeated, SAMPLED, share_prompts=share, sample_ids=list(range(len(repeated))), **kw)
     out["padding_errors"] = []
     for bad in (dict(padding="middle"), dict(padding="left", kv_cache=False)):
         try:
@@ -176,6 +202,21 @@ def test_rotated_key_cache_equals_megatrons_cache_bit_for_bit(single):
     ours, theirs = single["greedy"], single["greedy_megatron_cache"]
     assert torch.equal(ours.responses, theirs.responses)
     assert torch.equal(ours.log_probs, theirs.log_probs)
+
+
+def test_prompt_sharing_runs_one_prefill_row_per_prompt_with_the_same_results(single):
+    for name, distinct, rows, width in (("shared_left", 3, 6, 21), ("shared_right", 2, 4, 21)):
+        for kind in ("greedy", "sampled"):
+            (on, on_shape), (off, off_shape) = single[f"{name}_on_{kind}"], single[f"{name}_off_{kind}"]
+            assert tuple(on_shape) == (distinct, width) and tuple(off_shape) == (rows, width), name
+            assert torch.equal(on.responses, off.responses), (name, kind)
+            assert torch.allclose(on.log_probs, off.log_probs, atol=1e-5), (name, kind)
+            # Repeats of a prompt still draw their own tokens when sampling.
+            if kind == "sampled" and name == "shared_left":
+                assert not torch.equal(on.responses[0], on.responses[2])
+    on, off = single["shared_megatron_on"], single["shared_megatron_off"]
+    assert torch.equal(on.responses, off.responses)
+    assert torch.allclose(on.log_probs, off.log_probs, atol=1e-5)
 
 
 def test_bad_padding_choices_are_refused(single):

@@ -10,11 +10,16 @@ For each case, two engines with identical weights (bf16, DistributedOptimizer): 
   of that one weight;
 - ``tiny`` (only with ``--cases tiny``): the 0.2 M-parameter test model, dominated by per-op cost.
 
+Each case runs twice, first with the host allocator as configured, then with freed memory kept
+for reuse (``--allocator``; see ``_reuse_freed_memory``): the first flatters LongAct on the CPU,
+the second is closer to what a GPU's caching allocator does.
+
 Prints the median step times and their ratio LongAct/plain (target <= 1.00), then the bytes LongAct
 keeps between steps on one rank for a Llama-3-70B shape, taken from a real ``MaskState`` and
 ``StatsCollector`` (80 layers, 64 heads, 8 groups, head dim 128; TP=8, PP=4: 20 layers per rank).
 
 Run: python benchmarks/optimizer_overhead.py [--iters 20] [--cases small,qwen3_8b_qkv]
+     [--allocator default,reuse]
 """
 
 from __future__ import annotations
@@ -128,6 +133,33 @@ def llama70b_state_bytes() -> tuple[int, int]:
     return results[0], results[1]
 
 
+ALLOCATORS = {
+    "default": "default (large temporaries are fresh pages each step: page faults)",
+    "reuse": "reuse (M_MMAP_THRESHOLD/M_TRIM_THRESHOLD 1 GiB: freed memory is reused, no page faults)",
+}
+
+
+def _reuse_freed_memory() -> bool:
+    """Make glibc serve large allocations from memory it keeps instead of fresh mmap'd pages.
+
+    By default glibc maps allocations above a threshold (at most 32 MiB) afresh and unmaps them on
+    free, so every large temporary of an optimizer step (Adam's ``denom``, a gathered copy) costs
+    page faults on first touch, a cost proportional to its size that a GPU's caching allocator
+    never pays. It inflates the plain step (whose temporaries are whole weights) more than
+    LongAct's (whose temporaries are its kept rows), so both settings are printed."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def main() -> int:
     from megatron_longact.runtime import ParallelConfig, destroy, initialize
 
@@ -135,7 +167,16 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--cases", default="small,qwen3_8b_qkv")
     p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--allocator", default="default,reuse",
+                   help="comma-separated, in this order: default (glibc as configured), reuse (freed "
+                        "memory kept for reuse, as a GPU's caching allocator does)")
     args = p.parse_args()
+    allocators = [a for a in args.allocator.split(",") if a]
+    for a in allocators:
+        if a not in ALLOCATORS:
+            raise SystemExit(f"--allocator: unknown {a!r}; expected default or reuse")
+    if "reuse" in allocators and allocators[-1] != "reuse":
+        raise SystemExit("--allocator: reuse cannot be undone in a process; put it last")
     cases = [c for c in args.cases.split(",") if c]
     for c in cases:
         _case(c)  # fail on a bad name before building anything
@@ -143,10 +184,15 @@ def main() -> int:
     print(f"{torch.get_num_threads()} threads, single process (DP=1, TP=1), median of {args.iters} "
           f"optimizer steps per case, LongAct defaults (keep_ratio 0.3, every_step)")
     print(f"  {'case':14s} {'trained params':>15s} {'plain ms':>10s} {'LongAct ms':>11s} {'ratio':>7s}")
-    for c in cases:
-        cfg, trainable = _case(c)
-        tp, tl, n = measure(cfg, trainable, args.iters, args.seq, runtime.parallel, runtime.device)
-        print(f"  {c:14s} {n:15,d} {tp * 1e3:10.2f} {tl * 1e3:11.2f} {tl / tp:7.3f}   (target <= 1.00)")
+    for allocator in allocators:
+        if allocator == "reuse" and not _reuse_freed_memory():
+            print("  (reuse: glibc's mallopt is not available here; skipped)")
+            continue
+        print(f" host allocator: {ALLOCATORS[allocator]}")
+        for c in cases:
+            cfg, trainable = _case(c)
+            tp, tl, n = measure(cfg, trainable, args.iters, args.seq, runtime.parallel, runtime.device)
+            print(f"  {c:14s} {n:15,d} {tp * 1e3:10.2f} {tl * 1e3:11.2f} {tl / tp:7.3f}   (target <= 1.00)")
     default, ema = llama70b_state_bytes()
     print(f"LongAct state kept between steps, Llama-3-70B shape, one rank (TP=8, PP=4): "
           f"{default:,} bytes (ema=0), {ema:,} bytes (ema=0.9)   (target <= 1,000,000)")

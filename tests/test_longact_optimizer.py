@@ -258,7 +258,7 @@ def test_optimizer_steps_only_the_kept_rows(min_run, warmup):
 
 
 @pytest.mark.parametrize("start,n,min_run", [(0, 40, 16), (3, 30, 16), (5, 2, 16), (13, 27, 8),
-                                             (0, 40, 10 ** 6)])
+                                             (0, 40, 10 ** 6), (8, 5, 16), (10, 9, 16), (35, 5, 16)])
 def test_keep_plan_covers_exactly_the_kept_entries(start, n, min_run):
     """Kept entries split into in-place runs (long runs of kept rows, kept partial edge rows) and
     gathered rows; together they cover every kept element once and no frozen one (width 8, rows
@@ -274,3 +274,8 @@ def test_keep_plan_covers_exactly_the_kept_entries(start, n, min_run):
     compact = plan.gather(flat)
     plan.scatter(flat, compact + 1.0)
     assert torch.equal(flat, kept_elems.float())
+    # Squared norms in one read: the whole shard's, and its frozen entries' (the logged fraction).
+    values = torch.randn(n, generator=torch.Generator().manual_seed(start * 100 + n))
+    total, frozen = plan.squared_norms(values, keep).tolist()
+    assert total == pytest.approx(float((values ** 2).sum()), rel=1e-6)
+    assert frozen == pytest.approx(float((values[~kept_elems] ** 2).sum()), rel=1e-6, abs=1e-12)

@@ -111,6 +111,8 @@ class _KeepPlan:
         self.width = width
         runs: list[tuple[int, int]] = []  # [a, b) element ranges of the flat shard
         gather_rows: list[int] = []
+        self.first_row = first_full
+        self.inside_row = None if first_full <= last_full else start // width
         if first_full <= last_full:
             off = first_full * width - start
             self.mid = (off, last_full - first_full)
@@ -155,6 +157,26 @@ class _KeepPlan:
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The in-place runs, as views of ``flat``."""
         return [flat[a:b] for a, b in self.runs]
+
+    def squared_norms(self, flat: torch.Tensor, keep_rows: torch.Tensor) -> torch.Tensor:
+        """[total, frozen part] of the squared 2-norm of ``flat`` (fp32), in one read: per-row
+        norms of the whole rows plus the at most two partial edge rows."""
+        if self.inside_row is not None:  # the shard lies inside one row
+            total = torch.dot(flat, flat)
+            return torch.stack([total, total if not bool(keep_rows[self.inside_row]) else total * 0])
+        off, rows = self.mid
+        start_row = self.first_row
+        row_sq = torch.linalg.vector_norm(self._mid(flat), dim=1).square()
+        frozen_mid = ~keep_rows[start_row:start_row + rows].to(row_sq.device)
+        total, frozen = row_sq.sum(), row_sq[frozen_mid].sum()
+        head, tail = flat[:off], flat[off + rows * self.width:]
+        for piece, row in ((head, start_row - 1), (tail, start_row + rows)):
+            if piece.numel():
+                sq = torch.dot(piece, piece)
+                total = total + sq
+                if not bool(keep_rows[row]):
+                    frozen = frozen + sq
+        return torch.stack([total, frozen])
 
 
 class _Target:
@@ -282,12 +304,10 @@ class LongActHandle:
             if grad is None:
                 continue
             owned = grad.view(-1)[t.ref.flat_start:t.ref.flat_start + t.ref.main_param.numel()].float()
-            before = torch.dot(owned, owned)
+            pair = t.plan.squared_norms(owned, rows[t.row_slot][1].cpu()).double()
             grad.index_fill_(0, t.frozen_rows, 0)
             if p.grad is not None and p.grad is not grad:
                 p.grad.index_fill_(0, t.frozen_rows, 0)
-            after = torch.dot(owned, owned)  # ``owned`` is a view: it sees the zeroed rows
-            pair = torch.stack([before, before - after]).double()
             sums = pair if sums is None else sums + pair
             group = t.ref.megatron_optimizer.get_grad_stats_parallel_group()
             groups[id(group)] = group

@@ -32,6 +32,12 @@ do that:
   samples. The prompt part beyond the shortest prompt is fed one column per step, so prompts whose
   lengths differ by more than ``max_prompt_spread`` run as separate sub-batches.
 
+In both layouts the first forward (the prefill) runs once per distinct row (``share_prompts``,
+:func:`_prefill`): GRPO's groups repeat each prompt, and the repeats then take a copy of its KV
+cache rows and logits. The cache itself holds keys after RoPE and, with the SDPA attention, is laid
+out head-major (models/self_attention.py), so a decode step neither re-rotates the cached keys
+nor strides across the batch to read one head's positions.
+
 Memory: rows run in sub-batches whose memory fits ``memory_budget`` (default on CUDA: 85% of the
 free device memory when generation starts; unbounded on the CPU). Each row costs its static KV
 cache (K and V of every layer of the stage, for the whole buffer width) plus the transient
@@ -314,11 +320,13 @@ def _forward_rows(model, tokens_BS: torch.Tensor, rows_pos_B: torch.Tensor | Non
 
 
 def _prefill(model, tokens_BP: torch.Tensor, context, is_last_stage: bool, share: bool,
-             attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+             attention_mask: torch.Tensor | None = None,
+             pad_B: torch.Tensor | None = None) -> torch.Tensor | None:
     """The first forward of a KV-cache generation, run once per distinct row.
 
     GRPO and DAPO sample a group of responses per prompt, so a rollout batch holds each prompt
-    ``group`` times. Rows with the same tokens (and the same attention mask row) get the same
+    ``group`` times. Rows with the same tokens and the same padding (``pad_B``: left-padding
+    columns, which the attention mask hides; a row's mask is a function of it) get the same
     keys, values and logits, so the prefill runs on one row of each and the KV cache and the
     logits are then copied to the repeats (:func:`share_cache_rows`); with long prompts that
     divides the prefill, most of a rollout's work, by the group size."""
@@ -327,8 +335,8 @@ def _prefill(model, tokens_BP: torch.Tensor, context, is_last_stage: bool, share
     batch = tokens_BP.shape[0]
     if share and batch > 1:
         rows_BX = tokens_BP.cpu()
-        if attention_mask is not None:
-            rows_BX = torch.cat([rows_BX, attention_mask.reshape(batch, -1).cpu().long()], dim=1)
+        if pad_B is not None:
+            rows_BX = torch.cat([rows_BX, pad_B.cpu().long()[:, None]], dim=1)
         _, inverse_B = torch.unique(rows_BX, dim=0, return_inverse=True)
         distinct = int(inverse_B.max()) + 1
         if distinct < batch:
@@ -725,7 +733,7 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
             context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=width)
             context.materialize_only_last_token_logits = True
             logits = _prefill(model, left_BP.to(device), context, groups.is_last_stage, share_prompts,
-                              attention_mask=hidden_B1PP.to(device))
+                              attention_mask=hidden_B1PP.to(device), pad_B=pad_B)
             end = prompt_len
             context.increment_sequence_len_offset(end)
             context.enable_decode_mode()

@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TOK = ByteTokenizer()
 NEW = 8
 PROMPTS = [encode_prompt_text(text, TOK) for text in ("needle in a haystack", "key:", "the value of x is")]
+# Prompts repeated as in a GRPO group (prompt sharing runs one prefill row per distinct prompt).
+REPEATED = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[0]]
 SAMPLED = SamplingConfig(temperature=0.9, top_k=40, top_p=0.95, max_new_tokens=NEW, seed=7)
 
 
@@ -77,6 +79,7 @@ def _run_all(runtime, full: bool):
     sampled = generate(model, prompts, SAMPLED, sample_ids=rows, **kw)
     out = {
         "rows": rows,
+        "repeated": generate(model, REPEATED, SAMPLED, sample_ids=list(range(len(REPEATED))), **kw),
         "greedy": greedy,
         "sampled": sampled,
         # Micro-batches of 2 rows for 3 rows: the last one is padded by repeating a row.
@@ -118,7 +121,7 @@ def _run_all(runtime, full: bool):
     # (equal lengths take the right-padded path), with and without sharing the prefill.
     import megatron_longact.generation as gen_module
 
-    repeated = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[0]]
+    repeated = REPEATED
     same_length = [PROMPTS[0], PROMPTS[0], PROMPTS[0][:-1] + [7], PROMPTS[0]]
     prefill_rows = []
     real_forward = gen_module._forward_rows
@@ -282,6 +285,10 @@ def test_layouts_give_identical_tokens(single, tp, pp, dp):
             for j, i in enumerate(rows):
                 assert torch.allclose(mine[j], ref[i], atol=1e-5), f"{key} row {i} on rank {rank}"
     assert sorted(set(covered)) == list(range(len(PROMPTS)))
+    # Prompt sharing under the layout: the same tokens as the single process's.
+    for out in per_rank:
+        assert torch.equal(out["repeated"].responses, single["repeated"].responses)
+        assert torch.allclose(out["repeated"].log_probs, single["repeated"].log_probs, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -56,11 +56,31 @@ def _history(out: Path) -> dict[int, dict]:
     return {h["step"]: h for h in json.loads((out / "history.json").read_text())["history"]}
 
 
+def _marked(marker: str) -> list[int]:
+    """Live processes whose environment carries ``LONGACT_TEST_LAUNCH=<marker>`` (every process of
+    one launch inherits it: launcher, ranks and the ranks' own helpers)."""
+    needle = f"LONGACT_TEST_LAUNCH={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0") and _alive(int(entry.name)):
+                found.append(int(entry.name))
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+    return found
+
+
 def _start_and_kill_when(cmd, env, ready, timeout=240):
-    """Start ``cmd`` in its own process group; kill -9 the whole group once ``ready()``."""
+    """Start ``cmd`` in its own process group; kill -9 the whole group once ``ready()``. Every
+    process of the launch (the ranks' helper processes too) must then be gone within 10 s."""
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"
+    env = {**env, "LONGACT_TEST_LAUNCH": marker}
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
+    survivors = []
     try:
         while not ready():
             if proc.poll() is not None:
@@ -69,6 +89,10 @@ def _start_and_kill_when(cmd, env, ready, timeout=240):
                 raise AssertionError("the run never reached the kill point")
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)
+        gone_by = time.monotonic() + 10
+        while _marked(marker) and time.monotonic() < gone_by:
+            time.sleep(0.2)
+        survivors = [(pid, Path(f"/proc/{pid}/cmdline").read_bytes()[:200]) for pid in _marked(marker)]
     finally:
         if proc.poll() is None:
             try:
@@ -76,6 +100,12 @@ def _start_and_kill_when(cmd, env, ready, timeout=240):
             except ProcessLookupError:
                 pass
         proc.wait(timeout=30)
+        for pid in _marked(marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert not survivors, f"processes of the killed launch outlived it: {survivors}"
 
 
 def test_kill_inside_a_save_resumes_from_the_last_published_step(tmp_path):

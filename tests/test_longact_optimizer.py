@@ -276,6 +276,6 @@ def test_keep_plan_covers_exactly_the_kept_entries(start, n, min_run):
     assert torch.equal(flat, kept_elems.float())
     # Squared norms in one read: the whole shard's, and its frozen entries' (the logged fraction).
     values = torch.randn(n, generator=torch.Generator().manual_seed(start * 100 + n))
-    total, frozen = plan.squared_norms(values, keep).tolist()
+    total, frozen = plan.squared_norms(values).tolist()
     assert total == pytest.approx(float((values ** 2).sum()), rel=1e-6)
     assert frozen == pytest.approx(float((values[~kept_elems] ** 2).sum()), rel=1e-6, abs=1e-12)

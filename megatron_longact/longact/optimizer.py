@@ -102,7 +102,9 @@ class _KeepPlan:
     Same index space as :class:`_RowPlan`. The kept entries split into contiguous element ranges
     of the flat shard that are stepped in place (``runs``: long runs of kept whole rows, and kept
     partial edge rows), and the remaining kept whole rows, gathered into one compact
-    [rows, width] tensor (``gather_idx``, row indices of the shard's whole-row region).
+    [rows, width] tensor (``gather_idx``, row indices of the shard's whole-row region). It also
+    records which of the shard's pieces are frozen (``frozen_head``, ``frozen_mid`` per whole
+    row, ``frozen_tail``), for :meth:`squared_norms`.
     """
 
     def __init__(self, start: int, n: int, width: int, keep_rows: torch.Tensor, device,
@@ -114,8 +116,6 @@ class _KeepPlan:
         self.width = width
         runs: list[tuple[int, int]] = []  # [a, b) element ranges of the flat shard
         gather_rows: list[int] = []
-        self.first_row = first_full
-        self.inside_row = None if first_full <= last_full else start // width
         if first_full <= last_full:
             off = first_full * width - start
             self.mid = (off, last_full - first_full)
@@ -137,10 +137,16 @@ class _KeepPlan:
                 r = e
             if last_full * width < end and bool(keep_rows[last_full]):
                 runs.append((last_full * width - start, n))
-        else:  # the shard lies inside one row
+            self.frozen_head = start < first_full * width and not bool(keep_rows[first_full - 1])
+            self.frozen_mid = ~keep_rows[first_full:last_full].to(device)
+            self.frozen_tail = last_full * width < end and not bool(keep_rows[last_full])
+        else:  # the shard lies inside one row: no whole rows, all of it is the tail piece
             self.mid = (0, 0)
             if bool(keep_rows[start // width]):
                 runs.append((0, n))
+            self.frozen_head = False
+            self.frozen_mid = torch.zeros(0, dtype=torch.bool, device=device)
+            self.frozen_tail = not bool(keep_rows[start // width])
         self.runs = runs
         self.gather_idx = torch.tensor(gather_rows, dtype=torch.long, device=device)
 
@@ -161,23 +167,18 @@ class _KeepPlan:
         """The in-place runs, as views of ``flat``."""
         return [flat[a:b] for a, b in self.runs]
 
-    def squared_norms(self, flat: torch.Tensor, keep_rows: torch.Tensor) -> torch.Tensor:
+    def squared_norms(self, flat: torch.Tensor) -> torch.Tensor:
         """[total, frozen part] of the squared 2-norm of ``flat`` (fp32), in one read: per-row
         norms of the whole rows plus the at most two partial edge rows."""
-        if self.inside_row is not None:  # the shard lies inside one row
-            total = torch.dot(flat, flat)
-            return torch.stack([total, total if not bool(keep_rows[self.inside_row]) else total * 0])
         off, rows = self.mid
-        start_row = self.first_row
         row_sq = torch.linalg.vector_norm(self._mid(flat), dim=1).square()
-        frozen_mid = ~keep_rows[start_row:start_row + rows].to(row_sq.device)
-        total, frozen = row_sq.sum(), row_sq[frozen_mid].sum()
-        head, tail = flat[:off], flat[off + rows * self.width:]
-        for piece, row in ((head, start_row - 1), (tail, start_row + rows)):
+        total, frozen = row_sq.sum(), row_sq[self.frozen_mid].sum()
+        for piece, is_frozen in ((flat[:off], self.frozen_head),
+                                 (flat[off + rows * self.width:], self.frozen_tail)):
             if piece.numel():
                 sq = torch.dot(piece, piece)
                 total = total + sq
-                if not bool(keep_rows[row]):
+                if is_frozen:
                     frozen = frozen + sq
         return torch.stack([total, frozen])
 
@@ -307,7 +308,7 @@ class LongActHandle:
             if grad is None:
                 continue
             owned = grad.view(-1)[t.ref.flat_start:t.ref.flat_start + t.ref.main_param.numel()].float()
-            pair = t.plan.squared_norms(owned, rows[t.row_slot][1].cpu()).double()
+            pair = t.plan.squared_norms(owned).double()
             grad.index_fill_(0, t.frozen_rows, 0)
             if p.grad is not None and p.grad is not grad:
                 p.grad.index_fill_(0, t.frozen_rows, 0)

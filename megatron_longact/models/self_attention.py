@@ -38,6 +38,8 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.utils import deprecate_inference_params
 
+from megatron_longact.models.attention import SDPADotProductAttention
+
 
 # Attribute of an inference context: the layer numbers whose cache this module laid out head-major.
 _HEAD_MAJOR = "longact_head_major_layers"
@@ -65,8 +67,6 @@ class CachedRopeSelfAttention(SelfAttention):
         key = apply_rotary_pos_emb(key, k_pos_emb[start:end], config=self.config,
                                    mscale=_yarn_get_concentration_factor_from_config(self.config),
                                    cp_group=self.pg_collection.cp)
-        from megatron_longact.models.attention import SDPADotProductAttention
-
         if not isinstance(self.core_attention, SDPADotProductAttention):
             query, key, value, (q_pos_emb, _), mask_type, block_table = \
                 super()._adjust_key_value_for_inference(context, query, key, value, rotary_pos_emb,

@@ -91,11 +91,7 @@ def exit_with_launcher(interval: float = 1.0) -> bool:
         return _armed
     parent = os.getppid()
     if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass  # the polling thread below still covers it
+        _die_with_parent()  # if prctl is unavailable, the polling thread below still covers it
         _tie_checkpoint_writer_manager()
     threading.Thread(target=_watch, args=(parent, interval), name="launcher-watchdog",
                      daemon=True).start()

@@ -22,10 +22,13 @@ Only the per-channel masks persist between steps; row plans and compact copies a
 from __future__ import annotations
 
 import math
+from functools import partial
 
+import numpy as np
 import torch
 
 from megatron_longact.compat import MainParamRef, main_param_refs
+from megatron_longact.longact.compact_state import CompactRows, SyncedState
 from megatron_longact.longact.config import LongActConfig
 from megatron_longact.longact.controller import LongAct, LongActGroups, megatron_groups
 from megatron_longact.runtime import collectives
@@ -102,53 +105,49 @@ class _KeepPlan:
     Same index space as :class:`_RowPlan`. The kept entries split into contiguous element ranges
     of the flat shard that are stepped in place (``runs``: long runs of kept whole rows, and kept
     partial edge rows), and the remaining kept whole rows, gathered into one compact
-    [rows, width] tensor (``gather_idx``, row indices of the shard's whole-row region). It also
-    records which of the shard's pieces are frozen (``frozen_head``, ``frozen_mid`` per whole
-    row, ``frozen_tail``), for :meth:`squared_norms`.
+    [rows, width] tensor (``gather_rows``, row indices of the shard's whole-row region). It also
+    records which of the shard's pieces are frozen (``frozen_head``; ``frozen_mid``, 1.0 for each
+    frozen whole row; ``frozen_tail``), for :meth:`squared_norms`.
     """
 
     def __init__(self, start: int, n: int, width: int, keep_rows: torch.Tensor, device,
                  min_run: int | None = None):
         min_run = MIN_IN_PLACE_RUN if min_run is None else min_run
+        keep = keep_rows.numpy()  # host arithmetic in numpy: a few small arrays per layer
         first_full = -(-start // width)
         end = start + n
         last_full = end // width
         self.width = width
         runs: list[tuple[int, int]] = []  # [a, b) element ranges of the flat shard
-        gather_rows: list[int] = []
+        gather_rows = np.zeros(0, dtype=np.int64)
         if first_full <= last_full:
             off = first_full * width - start
             self.mid = (off, last_full - first_full)
-            if start < first_full * width and bool(keep_rows[first_full - 1]):
+            if start < first_full * width and keep[first_full - 1]:
                 runs.append((0, off))
-            kept = keep_rows[first_full:last_full].tolist()
-            r = 0
-            while r < len(kept):
-                if not kept[r]:
-                    r += 1
-                    continue
-                e = r
-                while e < len(kept) and kept[e]:
-                    e += 1
-                if (e - r) * width >= min_run:
-                    runs.append((off + r * width, off + e * width))
-                else:
-                    gather_rows.extend(range(r, e))
-                r = e
-            if last_full * width < end and bool(keep_rows[last_full]):
+            kept = keep[first_full:last_full]
+            edges = np.diff(np.concatenate(([0], kept.astype(np.int8), [0])))
+            run_start, run_end = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+            long = (run_end - run_start) * width >= min_run
+            runs.extend((off + int(a) * width, off + int(b) * width)
+                        for a, b in zip(run_start[long], run_end[long]))
+            in_long_run = np.repeat(long, run_end - run_start)  # per kept row, in row order
+            gather_rows = np.flatnonzero(kept)[~in_long_run]
+            if last_full * width < end and keep[last_full]:
                 runs.append((last_full * width - start, n))
-            self.frozen_head = start < first_full * width and not bool(keep_rows[first_full - 1])
-            self.frozen_mid = ~keep_rows[first_full:last_full].to(device)
-            self.frozen_tail = last_full * width < end and not bool(keep_rows[last_full])
+            self.frozen_head = bool(start < first_full * width and not keep[first_full - 1])
+            self.frozen_mid = torch.from_numpy((~kept).astype(np.float32)).to(device)
+            self.frozen_tail = bool(last_full * width < end and not keep[last_full])
         else:  # the shard lies inside one row: no whole rows, all of it is the tail piece
             self.mid = (0, 0)
-            if bool(keep_rows[start // width]):
+            if keep[start // width]:
                 runs.append((0, n))
             self.frozen_head = False
-            self.frozen_mid = torch.zeros(0, dtype=torch.bool, device=device)
-            self.frozen_tail = not bool(keep_rows[start // width])
+            self.frozen_mid = torch.zeros(0, dtype=torch.float32, device=device)
+            self.frozen_tail = not bool(keep[start // width])
         self.runs = runs
-        self.gather_idx = torch.tensor(gather_rows, dtype=torch.long, device=device)
+        self.gather_rows = gather_rows.astype(np.int64)  # host copy, for index arithmetic
+        self.gather_idx = torch.from_numpy(self.gather_rows).to(device)
 
     def _mid(self, flat: torch.Tensor) -> torch.Tensor:
         off, rows = self.mid
@@ -172,7 +171,7 @@ class _KeepPlan:
         norms of the whole rows plus the at most two partial edge rows."""
         off, rows = self.mid
         row_sq = torch.linalg.vector_norm(self._mid(flat), dim=1).square()
-        total, frozen = row_sq.sum(), row_sq[self.frozen_mid].sum()
+        total, frozen = row_sq.sum(), torch.dot(row_sq, self.frozen_mid)  # no sync on a mask
         for piece, is_frozen in ((flat[:off], self.frozen_head),
                                  (flat[off + rows * self.width:], self.frozen_tail)):
             if piece.numel():
@@ -199,6 +198,17 @@ class _Target:
                          main.device)
 
 
+def _plain_state(torch_opt, state_dict: dict) -> dict:
+    """torch ``Optimizer.state_dict`` post-hook: per-parameter states as plain dicts (written back
+    first), so a saved optimizer state never contains :class:`SyncedState` and loads with
+    ``torch.load(weights_only=True)``."""
+    state = state_dict.get("state", {})
+    for k, v in state.items():
+        if isinstance(v, SyncedState):
+            state[k] = dict(v)
+    return state_dict
+
+
 class LongActHandle:
     """What :func:`install` returns: the controller plus the optimizer integration."""
 
@@ -220,11 +230,12 @@ class LongActHandle:
                                   for t in self._targets}.values():
                     self._hook_handles.append(torch_opt.register_step_pre_hook(self._compact))
                     self._hook_handles.append(torch_opt.register_step_post_hook(self._expand))
+                    self._hook_handles.append(torch_opt.register_state_dict_post_hook(_plain_state))
         # While one torch optimizer steps: (target, its compact pieces, whether it had state) and
         # the param lists the pieces stand in for.
-        self._swapped: list[tuple[_Target, list[torch.Tensor], bool]] = []
+        self._swapped: list[tuple[_Target, list[torch.Tensor], CompactRows, bool]] = []
         self._saved_params: list[tuple[dict, list]] = []
-        self._buffers: dict[tuple, torch.Tensor] = {}  # compact copies, reused across steps
+        self._compact_rows: dict[int, CompactRows] = {}  # per target, kept across steps
 
     # -- wiring ------------------------------------------------------------------------------
     def _find_targets(self, refs: list[MainParamRef]) -> list[_Target]:
@@ -247,6 +258,12 @@ class LongActHandle:
     def uninstall(self) -> None:
         """Remove the optimizer wrapper, the optimizer hooks and the statistics hooks."""
         self.optimizer.step = self._orig_step
+        self.flush_optimizer_state()
+        for t in self._targets:  # plain dicts again
+            state = t.ref.torch_optimizer.state.get(t.ref.main_param)
+            if isinstance(state, SyncedState):
+                t.ref.torch_optimizer.state[t.ref.main_param] = dict(dict.items(state))
+        self._compact_rows.clear()
         for h in self._hook_handles:
             h.remove()
         self._hook_handles.clear()
@@ -279,7 +296,8 @@ class LongActHandle:
             # indices (for the gradients), rebuilt only when the mask changes.
             self._freeze_plans = {
                 id(t): (t.keep_plan(rows[t.row_slot][1]),
-                        (~rows[t.row_slot][1]).nonzero().squeeze(1).to(t.ref.model_param.device))
+                        torch.from_numpy(np.flatnonzero(~rows[t.row_slot][1].cpu().numpy()))
+                        .to(t.ref.model_param.device))
                 for t in self._targets}
             self._plans_step = self.longact.state.last_mask_step
         for t in self._targets:
@@ -291,6 +309,10 @@ class LongActHandle:
             for t in self._targets:
                 t.plan = t.frozen_rows = None
             self._restore_param_lists()
+            for t, pieces, _, _ in self._swapped:  # only when the torch optimizer's step raised
+                for p in pieces:
+                    t.ref.torch_optimizer.state.pop(p, None)
+                    p.grad = None
             self._swapped.clear()
         self.step_count += 1
         return result
@@ -326,7 +348,9 @@ class LongActHandle:
     def _compact(self, torch_opt, args, kwargs) -> None:
         """Before the torch optimizer steps: in each target's param list, replace its main shard
         by the kept entries only: views of the long kept runs (stepped in place) and one compact
-        copy of the other kept rows, each with the matching gradient and state tensors.
+        tensor of the other kept rows, each with the matching gradient and state tensors. The
+        compact rows' moments persist between steps (:mod:`compact_state`); their values and
+        gradients are gathered here.
 
         The optimizer then never reads or writes a frozen row: frozen main values and moments stay
         as they were because nothing touches them, and no work is spent on them. Elementwise
@@ -340,37 +364,35 @@ class LongActHandle:
             if t.plan is None or t.ref.torch_optimizer is not torch_opt or main.grad is None:
                 continue
             plan = t.plan
-            state = torch_opt.state.get(main, {})
-            had_state = len(state) > 0
-
-            def parts(flat, slot):
-                # The compact copy goes into a buffer kept across steps: a fresh allocation of
-                # this size each step costs as much as the copy itself on CPU (on GPU the caching
-                # allocator would hold the same memory anyway).
-                key = (id(t), slot)
-                buf = self._buffers.get(key)
-                shape = (plan.gather_idx.numel(), plan.width)
-                if buf is None or tuple(buf.shape) != shape or buf.dtype != flat.dtype:
-                    buf = self._buffers[key] = torch.empty(shape, dtype=flat.dtype, device=flat.device)
-                return [plan.gather(flat, out=buf)] + plan.views(flat)
-
-            pieces = parts(main.data.view(-1), "param")
-            grads = parts(main.grad.view(-1), "grad")
-            piece_states = [{} for _ in pieces]
-            for k, v in state.items():
-                if torch.is_tensor(v) and v.shape == main.shape:  # exp_avg, exp_avg_sq, ...
-                    for ps_, part in zip(piece_states, parts(v.view(-1), k)):
-                        ps_[k] = part
-                else:  # the step counter and other per-tensor scalars: one copy per piece, since
-                    # the optimizer increments them in place once per tensor it steps
-                    for ps_ in piece_states:
-                        ps_[k] = v.clone() if torch.is_tensor(v) else v
-            for piece, grad, ps_ in zip(pieces, grads, piece_states):
+            c = self._compact_rows.get(id(t))
+            if c is None:
+                c = self._compact_rows[id(t)] = CompactRows(plan.mid, plan.width, main.shape, main.device)
+            full = torch_opt.state.get(main)
+            if full is None or full is not c.synced:
+                c.drop()  # first step, or the state was replaced (a load): the full state is the truth
+            full = {} if full is None else full
+            full_mid = c.full_views(full)
+            c.retarget(plan.gather_rows, full_mid)
+            main_flat, grad_flat = main.data.view(-1), main.grad.view(-1)
+            pieces = [torch.index_select(c.mid_view(main_flat), 0, c.rows_dev,
+                                         out=c.buffer("param", main))] + plan.views(main_flat)
+            grads = [torch.index_select(c.mid_view(grad_flat), 0, c.rows_dev,
+                                        out=c.buffer("grad", main.grad))] + plan.views(grad_flat)
+            if full_mid:
+                scalars = c.scalars if c.newer else {k: v for k, v in dict.items(full) if k not in full_mid}
+                states = [{k: c.live(c.moments[k]) for k in full_mid}]
+                states += [{k: view for k, view in zip(full_mid, views)}
+                           for views in zip(*(plan.views(dict.__getitem__(full, k).view(-1))
+                                              for k in full_mid))]
+                for st in states:  # per-tensor scalars (Adam's step): a copy per piece, since the
+                    # optimizer increments them in place once per tensor it steps
+                    st.update({k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()})
+                for piece, st in zip(pieces, states):
+                    torch_opt.state[piece] = st
+            for piece, grad in zip(pieces, grads):
                 piece.grad = grad
-                if ps_:
-                    torch_opt.state[piece] = ps_
             by_main[id(main)] = pieces
-            self._swapped.append((t, pieces, had_state))
+            self._swapped.append((t, pieces, c, bool(full_mid)))
         if not by_main:
             return
         for group in torch_opt.param_groups:
@@ -383,35 +405,53 @@ class LongActHandle:
                 group["params"] = new
 
     def _expand(self, torch_opt, args, kwargs) -> None:
-        """After the torch optimizer step: scatter the compact copies back into the full main
-        shards and their state (the in-place runs are already there). State is kept in the full
-        layout between steps, so checkpoints, megatron's main-to-model copy and the grad norm see
-        ordinary tensors."""
+        """After the torch optimizer step: scatter the compact values back into the full main
+        shard (the in-place runs are already there), so that megatron's main-to-model copy sees
+        them. The compact moments stay compact; the full state dict becomes a
+        :class:`SyncedState` that writes them back the moment anything else looks at it."""
         self._restore_param_lists()
-        for t, pieces, had_state in self._swapped:
+        for t, pieces, c, had_state in self._swapped:
             if t.ref.torch_optimizer is not torch_opt:
                 continue
             main = t.ref.main_param
-            t.plan.scatter(main.data.view(-1), pieces[0])
-            piece_states = [torch_opt.state.pop(p, {}) for p in pieces]
-            full = torch_opt.state[main]
-            for k, v0 in piece_states[0].items():
-                if torch.is_tensor(v0) and v0.shape == pieces[0].shape:
-                    created = not had_state or k not in full
-                    if created:
-                        # State this very step created (the first step) starts from zero for
-                        # frozen entries, as if the step never touched them.
-                        full[k] = torch.zeros_like(main)
-                    flat = full[k].view(-1)
-                    t.plan.scatter(flat, v0)
-                    if created:  # the runs' new state lives in tensors of their own
-                        for view, ps_ in zip(t.plan.views(flat), piece_states[1:]):
-                            view.copy_(ps_[k])
-                else:
-                    full[k] = v0
+            c.mid_view(main.data.view(-1)).index_copy_(0, c.rows_dev, pieces[0])
+            states = [torch_opt.state.pop(p, {}) for p in pieces]
             for p in pieces:
                 p.grad = None
+            full = dict(dict.items(torch_opt.state.get(main) or {}))
+            moment_keys = [k for k, v in states[0].items()
+                           if torch.is_tensor(v) and v.shape == pieces[0].shape]
+            if not had_state:
+                # State this very step created (the first step) starts from zero for frozen
+                # entries, as if the step never touched them; the runs' state moves into it.
+                for k in moment_keys:
+                    full[k] = torch.zeros_like(main)
+                    for view, st in zip(t.plan.views(full[k].view(-1)), states[1:]):
+                        view.copy_(st[k])
+                    c.moments[k] = states[0][k]
+                for k, v in states[0].items():
+                    if k not in moment_keys:
+                        full[k] = v.clone() if torch.is_tensor(v) else v
+            c.scalars = {k: v for k, v in states[0].items() if k not in moment_keys}
+            c.newer = True
+            c.synced = SyncedState(full, partial(self._flush_compact, c))
+            torch_opt.state[main] = c.synced
         self._swapped = [s for s in self._swapped if s[0].ref.torch_optimizer is not torch_opt]
+
+    @staticmethod
+    def _flush_compact(c: CompactRows) -> None:
+        """Someone else is about to read or write the full state: write the compact rows back
+        and drop them (the next step gathers them again)."""
+        c.flush(c.synced)
+        c.drop()
+
+    def flush_optimizer_state(self) -> None:
+        """Write the compact optimizer state of the kept rows back into the full-layout state.
+        Not needed before megatron's or torch's own state handling (any access to the state dict
+        does it), only for code that holds references to the state tensors across steps."""
+        for c in self._compact_rows.values():
+            if c.synced is not None:
+                c.synced._touch()
 
     def _restore_param_lists(self) -> None:
         for group, params in self._saved_params:

@@ -1,0 +1,194 @@
+"""Optimizer state of the kept q/k rows, kept compact between steps (docs/optimizer_freeze.md,
+"State between steps").
+
+The inner optimizer steps the kept rows of a linear_qkv main shard as one compact tensor. Gathering
+and scattering that tensor's Adam moments every step would cost about as much memory traffic as
+skipping the frozen rows saves, so the compact moments stay between steps in :class:`CompactRows`,
+and only the rows that enter or leave the kept set when the mask changes are moved.
+
+The full-layout state tensors stay where megatron and torch expect them, under the main shard in
+``torch_optimizer.state``; they hold the truth for every row except the ones in the compact set.
+To keep that invisible, the per-parameter state dict is replaced by a :class:`SyncedState`: the
+first time anything other than LongAct reads or writes it (a checkpoint save or load, megatron's
+own state handling, a test, a user), the compact rows are written back into the full tensors and
+the compact set is dropped, since the caller may also write the full tensors. The next step
+gathers the kept rows again.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+
+class SyncedState(dict):
+    """A per-parameter optimizer state dict that calls ``on_touch`` before any access by others.
+
+    Every reading or writing method flushes first, including iteration and pickling (which then
+    produce a plain dict, so checkpoints never contain this class). LongAct itself reads through
+    ``dict``'s own methods, which do not flush."""
+
+    __slots__ = ("on_touch",)
+
+    def __init__(self, data: dict, on_touch: Callable[[], None]):
+        super().__init__(data)
+        self.on_touch = on_touch
+
+    def _touch(self) -> None:
+        touch, self.on_touch = self.on_touch, None  # once: later accesses see the full tensors
+        if touch is not None:
+            touch()
+
+
+def _flushing(name: str):
+    base = getattr(dict, name)
+
+    def method(self, *args, **kwargs):
+        self._touch()
+        return base(self, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name in ("__getitem__", "__setitem__", "__delitem__", "__iter__", "__contains__", "__eq__",
+              "__ne__", "__repr__", "get", "items", "keys", "values", "pop", "popitem", "setdefault",
+              "update", "clear", "copy", "__or__", "__ior__"):
+    setattr(SyncedState, _name, _flushing(_name))
+
+
+def _reduce(self, protocol=2):
+    self._touch()
+    return dict, (dict(dict.items(self)),)
+
+
+def _deepcopy(self, memo):
+    self._touch()
+    return copy.deepcopy(dict(dict.items(self)), memo)
+
+
+SyncedState.__reduce_ex__ = _reduce
+SyncedState.__reduce__ = _reduce
+SyncedState.__deepcopy__ = _deepcopy
+SyncedState.__copy__ = lambda self: SyncedState.copy(self)
+
+
+class CompactRows:
+    """The compact optimizer state of some whole rows of one main shard.
+
+    ``rows[i]`` is the row (in the shard's whole-row region) whose state is in slot ``i`` of every
+    compact tensor; slots need not follow row order. ``moments`` maps each state key shaped like
+    the main shard (Adam's ``exp_avg``, ``exp_avg_sq``) to a [capacity, width] storage, of which
+    the first ``n`` slots are live. ``scalars`` holds the per-tensor state (Adam's ``step``) of the
+    last step. ``newer`` is true when the compact tensors hold values the full tensors do not.
+    """
+
+    def __init__(self, mid: tuple[int, int], width: int, main_shape: torch.Size, device):
+        self.mid = mid  # (offset, rows) of the whole-row region of the flat shard
+        self.width = width
+        self.main_shape = main_shape
+        self.device = device
+        self.set_rows(np.zeros(0, dtype=np.int64))
+        self.moments: dict[str, torch.Tensor] = {}
+        self.scalars: dict = {}
+        self.buffers: dict[str, torch.Tensor] = {}  # param and grad gathers, [capacity, width]
+        self.newer = False
+        self.synced: SyncedState | None = None  # the state dict this cache shadows
+
+    def mid_view(self, flat: torch.Tensor) -> torch.Tensor:
+        off, rows = self.mid
+        return flat[off:off + rows * self.width].view(rows, self.width)
+
+    def full_views(self, full: dict) -> dict[str, torch.Tensor]:
+        """The whole-row regions of the full state tensors shaped like the main shard."""
+        return {k: self.mid_view(v.view(-1)) for k, v in dict.items(full)
+                if torch.is_tensor(v) and v.shape == self.main_shape}
+
+    @property
+    def n(self) -> int:
+        return self.rows.size
+
+    def live(self, storage: torch.Tensor) -> torch.Tensor:
+        return storage[:self.n]
+
+    def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The first ``n`` slots of a reusable [capacity, width] buffer of ``like``'s dtype."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape[0] < self.n or buf.dtype != like.dtype:
+            buf = self.buffers[name] = torch.empty((self.n, self.width), dtype=like.dtype,
+                                                   device=self.device)
+        return buf[:self.n]
+
+    def drop(self) -> None:
+        """Forget the compact set (the full tensors are the truth for every row)."""
+        self.set_rows(np.zeros(0, dtype=np.int64))
+        self.moments.clear()
+        self.scalars = {}
+        self.newer = False
+
+    def flush(self, full: dict) -> None:
+        """Write the compact rows and the scalars into the full state ``full``."""
+        if self.newer:
+            full_mid = self.full_views(full)
+            for k, storage in self.moments.items():
+                full_mid[k].index_copy_(0, self.rows_dev, self.live(storage))
+            for k, v in self.scalars.items():
+                dict.__setitem__(full, k, v.clone() if torch.is_tensor(v) else v)
+        self.newer = False
+
+    def retarget(self, want: np.ndarray, full_mid: dict[str, torch.Tensor]) -> None:
+        """Make the compact set hold exactly the rows ``want`` (any order), moving only the rows
+        that leave (written back to the full tensors ``full_mid``) or enter (read from them).
+        Index arithmetic is done in numpy: these are a few small host arrays per layer."""
+        cur, n, total_rows = self.rows, self.n, self.mid[1]
+        if self.moments and set(self.moments) != set(full_mid):
+            raise RuntimeError(f"LongAct: optimizer state keys changed from {sorted(self.moments)} "
+                               f"to {sorted(full_mid)} between steps")
+        in_want = np.zeros(total_rows, dtype=bool)
+        in_want[want] = True
+        stay = in_want[cur]
+        in_cur = np.zeros(total_rows, dtype=bool)
+        in_cur[cur[stay]] = True
+        enter = want[~in_cur[want]]
+        leave_slots = np.flatnonzero(~stay)
+        if leave_slots.size == 0 and enter.size == 0 and set(self.moments) == set(full_mid):
+            return
+        dev = self._index
+        if leave_slots.size and self.newer:
+            leave_dev, rows_dev = dev(leave_slots), dev(cur[leave_slots])
+            for k, storage in self.moments.items():
+                full_mid[k].index_copy_(0, rows_dev, storage.index_select(0, leave_dev))
+        n_new = int(stay.sum()) + enter.size
+        # Free slots below n_new take the entering rows, then the live rows from slots >= n_new.
+        free = np.concatenate([leave_slots, np.arange(n, max(n, n_new))])
+        free = free[free < n_new]
+        movers = np.flatnonzero(stay & (np.arange(n) >= n_new))
+        to_enter, to_move = free[:enter.size], free[enter.size:]
+        rows = np.concatenate([cur, np.zeros(max(0, n_new - n), dtype=np.int64)])
+        rows[to_move] = cur[movers]
+        rows[to_enter] = enter
+        for k in full_mid:
+            storage = self.moments.get(k)
+            if storage is None or storage.shape[0] < n_new:
+                grown = torch.empty((n_new + n_new // 8, self.width), dtype=full_mid[k].dtype,
+                                    device=self.device)
+                if storage is not None:
+                    grown[:n].copy_(storage[:n])
+                storage = self.moments[k] = grown
+            if movers.size:
+                storage.index_copy_(0, dev(to_move), storage.index_select(0, dev(movers)))
+            if enter.size:
+                storage.index_copy_(0, dev(to_enter), full_mid[k].index_select(0, dev(enter)))
+        self.set_rows(rows[:n_new])
+
+    def set_rows(self, rows: np.ndarray) -> None:
+        self.rows = np.ascontiguousarray(rows, dtype=np.int64)
+        self.rows_dev = self._index(self.rows)
+
+    def _index(self, a: np.ndarray) -> torch.Tensor:
+        """A host index array as an index tensor on the state's device."""
+        t = torch.from_numpy(a)
+        return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)

@@ -123,9 +123,11 @@ class CompactRows:
         return buf[:self.n]
 
     def drop(self) -> None:
-        """Forget the compact set (the full tensors are the truth for every row)."""
+        """Forget the compact set (the full tensors are the truth for every row) and free its
+        memory (megatron's ``offload_to_cpu`` reads the state to free the device)."""
         self.set_rows(np.zeros(0, dtype=np.int64))
         self.moments.clear()
+        self.buffers.clear()
         self.scalars = {}
         self.newer = False
 

@@ -6,17 +6,20 @@
    model's gradient buffers, before megatron copies them to the main gradients, computes the
    gradient norm and clips;
 3. with ``apply_to=update``, hands the torch optimizer only the kept rows: right before it steps,
-   each linear_qkv main shard in its param list is replaced by compact copies of its kept rows (main
-   values, gradients and the state tensors shaped like it, Adam's exp_avg and exp_avg_sq), and right
-   after it the compact results are scattered back, before megatron copies main parameters to the
-   model parameters. Frozen entries are never read or written by the optimizer, so they keep their
-   main value and moments exactly, whatever the learning rate and weight decay, the bf16 model copy
-   stays the cast of that value, and the optimizer does no work on them. Optimizer state lives in
-   the normal full layout between steps (checkpoints are unchanged). See docs/optimizer_freeze.md.
+   each linear_qkv main shard in its param list is replaced by its kept rows (views of long kept
+   runs, and one compact tensor of the other kept rows with their gathered values and gradients
+   and their moments, which stay compact between steps), and right after it the compact values
+   are scattered back, before megatron copies main parameters to the model parameters. Frozen
+   entries are never read or written by the optimizer, so they keep their main value and moments
+   exactly, whatever the learning rate and weight decay, the bf16 model copy stays the cast of
+   that value, and the optimizer does no work on them. Anything else that reads or writes the
+   optimizer state (checkpoints, megatron) sees the normal full layout: the compact moments are
+   written back first (:mod:`compact_state`). See docs/optimizer_freeze.md.
 
 Index spaces: row masks are TP-local (rows of this rank's ``linear_qkv``); element masks are
 shard-local (elements of the main parameter this DP rank owns, which may start and end mid-row).
-Only the per-channel masks persist between steps; row plans and compact copies are transient.
+Between steps LongAct keeps the per-channel masks and, as a cache of optimizer state, the compact
+moments; row plans are rebuilt when the mask changes.
 """
 
 from __future__ import annotations
@@ -418,24 +421,28 @@ class LongActHandle:
             states = [torch_opt.state.pop(p, {}) for p in pieces]
             for p in pieces:
                 p.grad = None
-            full = dict(dict.items(torch_opt.state.get(main) or {}))
             moment_keys = [k for k, v in states[0].items()
                            if torch.is_tensor(v) and v.shape == pieces[0].shape]
-            if not had_state:
-                # State this very step created (the first step) starts from zero for frozen
-                # entries, as if the step never touched them; the runs' state moves into it.
-                for k in moment_keys:
-                    full[k] = torch.zeros_like(main)
-                    for view, st in zip(t.plan.views(full[k].view(-1)), states[1:]):
-                        view.copy_(st[k])
-                    c.moments[k] = states[0][k]
-                for k, v in states[0].items():
-                    if k not in moment_keys:
-                        full[k] = v.clone() if torch.is_tensor(v) else v
+            synced = torch_opt.state.get(main)
+            if not (had_state and synced is c.synced):
+                # One SyncedState per main shard, made here once: on the first step, or when the
+                # state came from elsewhere (a load, a step without a mask).
+                full = dict(dict.items(synced or {}))
+                if not had_state:
+                    # State this very step created (the first step) starts from zero for frozen
+                    # entries, as if the step never touched them; the runs' state moves into it.
+                    for k in moment_keys:
+                        full[k] = torch.zeros_like(main)
+                        for view, st in zip(t.plan.views(full[k].view(-1)), states[1:]):
+                            view.copy_(st[k])
+                        c.moments[k] = states[0][k]
+                    for k, v in states[0].items():
+                        if k not in moment_keys:
+                            full[k] = v.clone() if torch.is_tensor(v) else v
+                synced = c.synced = torch_opt.state[main] = SyncedState(full, None)
             c.scalars = {k: v for k, v in states[0].items() if k not in moment_keys}
             c.newer = True
-            c.synced = SyncedState(full, partial(self._flush_compact, c))
-            torch_opt.state[main] = c.synced
+            synced.on_touch = partial(self._flush_compact, c)  # armed again after each step
         self._swapped = [s for s in self._swapped if s[0].ref.torch_optimizer is not torch_opt]
 
     @staticmethod
@@ -478,6 +485,13 @@ class LongActHandle:
             for t in (col._q, col._k, col._count):
                 total += t.numel() * t.element_size()
         return total
+
+    def compact_state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds twice while the kept rows' moments are
+        compact (the compact storage, with its slack, plus the reused value and gradient buffers);
+        the full-layout tensors are megatron's own."""
+        return sum(t.numel() * t.element_size() for c in self._compact_rows.values()
+                   for t in list(c.moments.values()) + list(c.buffers.values()))
 
 
 def install(model_chunks: list, optimizer, config: LongActConfig | None = None, *,

@@ -90,10 +90,12 @@ def test_compact_rows_follow_a_changing_row_set(off, tail):
     assert float(full["step"]) == len(sizes) - 1
 
 
-def _run_every_step_mask(runtime, write_back_every_step: bool, steps: int):
-    """Train the tiny model with a mask recomputed every step (DP=2, weights split mid-row);
-    optionally write the compact state back (and drop it) after every step. Returns the final
-    parameters, main shards and moments, and per step how many compact rows were carried into it."""
+def _run_every_step_mask(runtime, write_back_every_step: bool, steps: int, dtype: str,
+                         distributed: bool):
+    """Train the tiny model with a mask recomputed every step (with the distributed optimizer at
+    DP=2, weights split mid-row); optionally write the compact state back (and drop it) after
+    every step. Returns the final parameters, main shards and moments, and per step how many
+    compact rows were carried into it."""
     from functools import partial
 
     from megatron.core import parallel_state as ps
@@ -105,8 +107,8 @@ def _run_every_step_mask(runtime, write_back_every_step: bool, steps: int):
     from megatron_longact.training.config import TrainConfig
 
     train = TrainConfig(steps=steps, seq_length=32, micro_batch_size=2, global_batch_size=4, lr=LR,
-                        weight_decay=WD, use_distributed_optimizer=True, ddp_bucket_size=3000)
-    engine = setup_engine(_tiny("bf16"), train, runtime.parallel)
+                        weight_decay=WD, use_distributed_optimizer=distributed, ddp_bucket_size=3000)
+    engine = setup_engine(_tiny(dtype), train, runtime.parallel)
     handle = install(engine.model, engine.optimizer, LongActConfig(keep_ratio=0.3))
     num_mb = train.num_microbatches(ps.get_data_parallel_world_size())
     carried, churn = [], []
@@ -136,9 +138,13 @@ def _run_every_step_mask(runtime, write_back_every_step: bool, steps: int):
     return out
 
 
-def test_compact_state_across_changing_masks_equals_writing_it_back_every_step():
-    kept = run_distributed(_run_every_step_mask, args=(False, 5), dp=2)
-    flushed = run_distributed(_run_every_step_mask, args=(True, 5), dp=2)
+@pytest.mark.parametrize("dtype,distributed,layout", [
+    ("bf16", True, dict(dp=2)),    # DistributedOptimizer, shards cut mid-row
+    ("fp32", False, dict(tp=2)),   # FP32Optimizer, TP-local weights
+])
+def test_compact_state_across_changing_masks_equals_writing_it_back_every_step(dtype, distributed, layout):
+    kept = run_distributed(_run_every_step_mask, args=(False, 5, dtype, distributed), **layout)
+    flushed = run_distributed(_run_every_step_mask, args=(True, 5, dtype, distributed), **layout)
     for a, b in zip(kept, flushed):
         assert all(n > 0 for n in a["carried"][1:]), a["carried"]  # really kept between steps
         assert b["carried"][1:] == [0] * 4

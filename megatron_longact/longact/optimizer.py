@@ -149,21 +149,11 @@ class _KeepPlan:
             self.frozen_mid = torch.zeros(0, dtype=torch.float32, device=device)
             self.frozen_tail = not bool(keep[start // width])
         self.runs = runs
-        self.gather_rows = gather_rows.astype(np.int64)  # host copy, for index arithmetic
-        self.gather_idx = torch.from_numpy(self.gather_rows).to(device)
+        self.gather_rows = gather_rows.astype(np.int64)  # host indices; CompactRows moves them
 
     def _mid(self, flat: torch.Tensor) -> torch.Tensor:
         off, rows = self.mid
         return flat[off:off + rows * self.width].view(rows, self.width)
-
-    def gather(self, flat: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The gathered rows as a new [rows, width] tensor (or into ``out``)."""
-        if out is not None:
-            return torch.index_select(self._mid(flat), 0, self.gather_idx, out=out)
-        return self._mid(flat).index_select(0, self.gather_idx)
-
-    def scatter(self, flat: torch.Tensor, compact: torch.Tensor) -> None:
-        self._mid(flat).index_copy_(0, self.gather_idx, compact)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The in-place runs, as views of ``flat``."""

@@ -4,9 +4,15 @@ Same tiny Qwen3-style model and weights (a Hugging Face model built from ``confi
 with a fixed seed, converted to a megatron checkpoint with ``longact-convert hf-to-mcore``), same
 prompts in the same order (the demo's RULER records, as our trainer draws them), same group size,
 completion length, reward (``prefix_match``), learning rate, clipping, one optimizer step per
-rollout batch computed as one micro-batch of all its rows, no KL term, fp32 on both sides. Each
-run is a fresh process; runs alternate (ours with LongAct, TRL, ours without LongAct, ...) so
-drift of a shared machine hits all sides alike.
+rollout batch computed as one micro-batch of all its rows, no KL term, fp32 on both sides. Every
+response runs to the completion length on both sides (ours: ``rl.ignore_eos``, TRL:
+``min_new_tokens``), so a step's work does not depend on what was sampled; without that, two runs
+whose weights have drifted apart sample responses of different lengths, and even LongAct on vs off
+compares different work (``--stop-at-eos`` restores stopping at EOS). Each run is a fresh process,
+and runs alternate (ours, TRL, TRL, ours, ...) so that drift of a shared machine hits both sides
+alike. Ours with LongAct on and off run in the same process, alternating steps, so that their
+ratio is not blurred by the spread between processes (with ``--engine vllm`` they run as separate
+processes: one process holds one colocated engine).
 
 Prints, per side, the median seconds per step over all timed steps of all runs, split into rollout
 (generation and reward) and update (everything else in the step: old/ref log-probs if any, forward,
@@ -22,6 +28,7 @@ extra) and both sides use the vLLM demo's model (``configs/demo_cpu_vllm.yaml``:
 attention needs a head size of 32 or more).
 
 Run: python benchmarks/vs_trl.py [--runs 3] [--steps 4] [--warmup 1] [--engine megatron|vllm]
+     [--stop-at-eos]
 """
 
 from __future__ import annotations
@@ -43,13 +50,15 @@ sys.path.insert(0, str(ROOT))
 DEMOS = {"megatron": ROOT / "configs/demo_cpu.yaml", "vllm": ROOT / "configs/demo_cpu_vllm.yaml"}
 
 
-def _run_config(work: Path, steps: int, longact: bool, out: str, engine: str = "megatron"):
+def _run_config(work: Path, steps: int, longact: bool, out: str, engine: str = "megatron",
+                fixed_length: bool = True):
     from megatron_longact.run_config import load_run_config
 
     over = {"model.params_dtype": "fp32", "sft.steps": 0, "train.steps": steps,
             "evaluation.lengths": "[]", "checkpoint.resume": "none",
             "checkpoint.interval": 10 ** 6, "checkpoint.load_weights": str(work / "mcore"),
-            "output.dir": out, "longact.enabled": str(longact).lower(), "rollout.engine": engine}
+            "output.dir": out, "longact.enabled": str(longact).lower(), "rollout.engine": engine,
+            "rl.ignore_eos": str(fixed_length).lower()}
     rl = load_run_config(DEMOS[engine]).rl
     # The update runs as one micro-batch of all the step's rows on both sides (TRL: one batch of
     # per_device_train_batch_size = prompts x group size, no gradient accumulation).
@@ -106,30 +115,24 @@ def prepare(work: Path, engine: str) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def worker_ours(work: Path, steps: int, longact: bool, engine: str) -> list[tuple[float, float]]:
+def worker_ours(work: Path, steps: int, sides: list[str], engine: str,
+                fixed_length: bool) -> dict[str, list[tuple[float, float]]]:
+    """Our trainers for ``sides`` (``ours``: LongAct on, ``ours_off``: off) in this process,
+    alternating steps (benchmarks/alternate.py)."""
     from megatron_longact.runtime import destroy, initialize
     from megatron_longact.training.trainer import Trainer
 
-    cfg = _run_config(work, steps, longact, str(work / f"ours_{time.monotonic_ns()}"), engine)
-    runtime = initialize(cfg.parallel, seed=cfg.train.seed)
-    trainer = Trainer(cfg, runtime)
-    times = []
-    inner = trainer.rl_step
+    from benchmarks.alternate import alternate_rl_steps
 
-    def timed_step():
-        t0 = time.perf_counter()
-        m = inner()
-        total = time.perf_counter() - t0
-        times.append((m["perf/rollout_seconds"], total - m["perf/rollout_seconds"]))
-        return m
-
-    trainer.rl_step = timed_step
-    trainer.run()
+    cfgs = {side: _run_config(work, steps, side == "ours", str(work / f"{side}_{time.monotonic_ns()}"),
+                              engine, fixed_length) for side in sides}
+    runtime = initialize(cfgs[sides[0]].parallel, seed=cfgs[sides[0]].train.seed)
+    times = alternate_rl_steps({side: Trainer(cfg, runtime) for side, cfg in cfgs.items()}, steps)
     destroy()
     return times
 
 
-def worker_trl(work: Path, steps: int, engine: str) -> list[tuple[float, float]]:
+def worker_trl(work: Path, steps: int, engine: str, fixed_length: bool) -> list[tuple[float, float]]:
     import datasets
     import torch
     import transformers
@@ -162,7 +165,8 @@ def worker_trl(work: Path, steps: int, engine: str) -> list[tuple[float, float]]
         weight_decay=tr.weight_decay, max_grad_norm=tr.clip_grad, max_steps=steps,
         shuffle_dataset=False, use_cpu=True, bf16=False, fp16=False, report_to=[],
         save_strategy="no", logging_steps=10 ** 6, seed=tr.seed, dataloader_num_workers=0,
-        disable_tqdm=True)
+        disable_tqdm=True,
+        generation_kwargs={"min_new_tokens": rl.max_new_tokens} if fixed_length else None)
     model = transformers.AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32)
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 256, 258
 
@@ -201,17 +205,21 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed first steps per run")
     p.add_argument("--engine", choices=tuple(DEMOS), default="megatron",
                    help="our rollout engine (vllm: the colocated vLLM engine)")
-    p.add_argument("--worker", choices=("ours", "ours_off", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="responses end at EOS (their lengths, and so the work, then depend on what "
+                        "each run samples)")
+    p.add_argument("--worker", choices=("ours", "ours_off", "ours_pair", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         steps = args.warmup + args.steps
         work = Path(args.work)
         if args.worker == "trl":
-            times = worker_trl(work, steps, args.engine)
+            times = {"trl": worker_trl(work, steps, args.engine, not args.stop_at_eos)}
         else:
-            times = worker_ours(work, steps, longact=args.worker == "ours", engine=args.engine)
-        print("VS_TRL_RESULT " + json.dumps(times[args.warmup:]))
+            sides = ["ours", "ours_off"] if args.worker == "ours_pair" else [args.worker]
+            times = worker_ours(work, steps, sides, args.engine, not args.stop_at_eos)
+        print("VS_TRL_RESULT " + json.dumps({k: v[args.warmup:] for k, v in times.items()}))
         return 0
     try:
         import trl  # noqa: F401
@@ -223,19 +231,24 @@ def main() -> int:
         work = Path(tmp)
         prepare(work, args.engine)
         results = {"ours": [], "ours_off": [], "trl": []}
-        order = ["ours", "trl", "ours_off"]
+        # LongAct on and off run in one process, alternating steps, so that their ratio compares
+        # like with like; two colocated vLLM engines do not fit in one process, so with vLLM each
+        # runs in its own (and that ratio carries the run-to-run spread of the machine).
+        order = ["ours_pair", "trl"] if args.engine == "megatron" else ["ours", "trl", "ours_off"]
         for run in range(args.runs):
             for side in (order if run % 2 == 0 else order[::-1]):
                 proc = subprocess.run(
                     [sys.executable, __file__, "--worker", side, "--work", str(work), "--engine",
-                     args.engine, "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                     args.engine, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                    + (["--stop-at-eos"] if args.stop_at_eos else []),
                     cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("VS_TRL_RESULT ")), None)
                 if proc.returncode != 0 or line is None:
                     sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
                     print(f"vs_trl: the {side} run failed (exit code {proc.returncode})", file=sys.stderr)
                     return 1
-                results[side] += json.loads(line[len("VS_TRL_RESULT "):])
+                for k, v in json.loads(line[len("VS_TRL_RESULT "):]).items():
+                    results[k] += v
 
     def med(side, i=None):
         vals = [r + u if i is None else (r, u)[i] for r, u in results[side]]
@@ -245,7 +258,8 @@ def main() -> int:
 
     print(f"GRPO step on the {args.engine} demo's tiny model (fp32, {torch.get_num_threads()} threads, "
           f"our rollouts from the {args.engine} engine), {args.runs} alternated runs x {args.steps} "
-          f"timed steps per side, medians:")
+          f"timed steps per side, responses "
+          f"{'ending at EOS' if args.stop_at_eos else 'all of the completion length'}, medians:")
     print(f"  {'side':22s} {'step s':>8s} {'rollout s':>10s} {'update s':>9s}")
     names = {"ours": "ours, LongAct on", "ours_off": "ours, LongAct off", "trl": "TRL GRPOTrainer"}
     for side in ("ours", "ours_off", "trl"):

@@ -124,6 +124,9 @@ class SamplingConfig:
     """Response budget per row; a row that reaches it without EOS is marked truncated."""
     seed: int = 1234
     """Seed of the per-row random streams (with each row's sample id)."""
+    ignore_eos: bool = False
+    """EOS does not end a row: every row makes max_new_tokens tokens (and is marked truncated), so
+    the work of a generation does not depend on what is sampled (vLLM's ``ignore_eos``)."""
 
     def __post_init__(self) -> None:
         check_positive("sampling.temperature", self.temperature, allow_zero=True)
@@ -710,7 +713,7 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
         tokens_BW[rows, col_B[rows]] = tok
         log_probs_BN[rows, k] = chosen[rows, 1].float()
         generated_B[rows] = k + 1
-        eos = tok == eos_id
+        eos = (tok == eos_id) & (not sampling.ignore_eos)
         hit_eos_B[rows] |= eos
         done_B[rows] |= eos | (k + 1 >= n_new)
 

@@ -92,6 +92,8 @@ def _run_all(runtime, full: bool):
     out["eos"] = eos
     out["with_eos"] = generate(model, prompts, SamplingConfig(max_new_tokens=NEW),
                                **{**kw, "eos_id": eos})
+    out["ignore_eos"] = generate(model, prompts, SamplingConfig(max_new_tokens=NEW, ignore_eos=True),
+                                 **{**kw, "eos_id": eos})
     out["greedy_recompute"] = generate(model, prompts, SamplingConfig(max_new_tokens=NEW), kv_cache=False,
                                        bucket=4, **kw)
     if not full:
@@ -227,7 +229,7 @@ def test_bad_padding_choices_are_refused(single):
     assert len(errors) == 2 and "padding" in errors[0] and "KV cache" in errors[1], errors
 
 
-def test_eos_stops_each_row_and_truncation_is_flagged(single):
+def test_eos_stops_each_row_truncation_is_flagged_and_ignore_eos_runs_on(single):
     greedy, out, eos = single["greedy"], single["with_eos"], single["eos"]
     for i in range(len(PROMPTS)):
         full = greedy.response_ids(i)
@@ -243,6 +245,11 @@ def test_eos_stops_each_row_and_truncation_is_flagged(single):
         assert out.tokens[i, :p].tolist() == PROMPTS[i]
         assert out.tokens[i, p:p + n].tolist() == out.response_ids(i)
         assert (out.tokens[i, p + n:] == TOK.pad_id).all()
+    # With ignore_eos the EOS token does not end row 0: every row is the plain greedy run.
+    ignored = single["ignore_eos"]
+    assert eos in greedy.response_ids(0)[:-1]  # the case is real: row 0 would have stopped early
+    assert torch.equal(ignored.responses, greedy.responses)
+    assert (ignored.response_lengths == NEW).all() and ignored.truncated.all()
     # Row 0 stops at the latest on the token chosen as EOS.
     assert int(out.response_lengths[0]) <= 3 and not bool(out.truncated[0])
 

@@ -109,3 +109,17 @@ def test_tis_weights_are_truncated_ratios_and_weight_each_token_loss():
     # Off: no correction means the advantages are untouched.
     unweighted, _ = policy_loss("dapo", logp, meg, adv, mask)
     assert not torch.allclose(weighted, unweighted)
+
+
+def test_vllm_sampling_stops_at_our_eos_unless_ignore_eos():
+    from megatron_longact.generation import SamplingConfig
+    from megatron_longact.rollout.vllm_engine import sampling_params_kwargs
+
+    stop = sampling_params_kwargs(SamplingConfig(temperature=1.0), eos_id=258, sample_ids=[0, 1])
+    run_on = sampling_params_kwargs(SamplingConfig(temperature=1.0, ignore_eos=True), eos_id=258,
+                                    sample_ids=[0, 1])
+    assert [k["stop_token_ids"] for k in stop] == [[258], [258]]
+    assert [k["stop_token_ids"] for k in run_on] == [[], []]
+    # vLLM's own EOS handling stays off either way (the model config's EOS is not ours).
+    assert all(k["ignore_eos"] for k in stop + run_on)
+    assert [k["seed"] for k in stop] == [k["seed"] for k in run_on]

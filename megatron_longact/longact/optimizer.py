@@ -37,61 +37,6 @@ from megatron_longact.longact.controller import LongAct, LongActGroups, megatron
 from megatron_longact.runtime import collectives
 
 
-class _RowPlan:
-    """Where the selected rows of one shard-local main tensor are, in row form.
-
-    A shard covers elements [start, start + n) of the flattened TP-local weight, rows of ``width``
-    elements. It splits into a partial head row, whole rows, and a partial tail row (under the
-    distributed optimizer a shard may start and end mid-row). Whole selected rows are gathered and
-    scattered as rows (contiguous copies, an index per row rather than per element); the at most
-    two partial rows are copied whole when selected. ``gather`` returns the pieces in a fixed
-    order (the whole rows as one [rows, width] tensor, possibly with zero rows, then the selected
-    partial rows); ``scatter`` takes the same list back.
-    """
-
-    def __init__(self, start: int, n: int, width: int, selected_rows: torch.Tensor, device):
-        first_full = -(-start // width)
-        end = start + n
-        last_full = end // width
-        self.width = width
-        if first_full <= last_full:
-            self.mid = (first_full * width - start, last_full - first_full)
-            self.mid_idx = selected_rows[first_full:last_full].nonzero().squeeze(1).to(device)
-            edges = []
-            if start < first_full * width and bool(selected_rows[first_full - 1]):
-                edges.append(slice(0, first_full * width - start))
-            if last_full * width < end and bool(selected_rows[last_full]):
-                edges.append(slice(last_full * width - start, n))
-        else:  # the shard lies inside one row
-            self.mid, self.mid_idx = (0, 0), torch.zeros(0, dtype=torch.long, device=device)
-            edges = [slice(0, n)] if bool(selected_rows[start // width]) else []
-        self.edges = edges
-
-    def _mid(self, flat: torch.Tensor) -> torch.Tensor:
-        off, rows = self.mid
-        return flat[off:off + rows * self.width].view(rows, self.width)
-
-    def gather(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [self._mid(flat).index_select(0, self.mid_idx)] + [flat[e].clone() for e in self.edges]
-
-    def scatter(self, flat: torch.Tensor, saved: list[torch.Tensor]) -> None:
-        self._mid(flat).index_copy_(0, self.mid_idx, saved[0])
-        for e, values in zip(self.edges, saved[1:]):
-            flat[e].copy_(values)
-
-    def fill_zero(self, flat: torch.Tensor) -> None:
-        self._mid(flat).index_fill_(0, self.mid_idx, 0)
-        for e in self.edges:
-            flat[e].zero_()
-
-
-class _FreezePlan(_RowPlan):
-    """The frozen rows of a shard (the complement of ``keep_rows``)."""
-
-    def __init__(self, start: int, n: int, width: int, keep_rows: torch.Tensor, device):
-        super().__init__(start, n, width, ~keep_rows, device)
-
-
 # Runs of consecutive kept rows at least this many elements long (1 MiB of fp32) are stepped in
 # place (as views of the main shard, its gradient and its moments) instead of being gathered: a
 # copy of a long run costs more than the optimizer's fixed per-tensor cost (about a dozen kernel
@@ -105,7 +50,9 @@ MIN_IN_PLACE_RUN = 262144
 class _KeepPlan:
     """The kept (updated) entries of one shard-local main tensor, as the inner optimizer sees them.
 
-    Same index space as :class:`_RowPlan`. The kept entries split into contiguous element ranges
+    A shard covers elements [start, start + n) of the flattened TP-local weight, rows of ``width``
+    elements: a partial head row, whole rows, and a partial tail row (under the distributed
+    optimizer a shard may start and end mid-row). The kept entries split into contiguous element ranges
     of the flat shard that are stepped in place (``runs``: long runs of kept whole rows, and kept
     partial edge rows), and the remaining kept whole rows, gathered into one compact
     [rows, width] tensor (``gather_rows``, row indices of the shard's whole-row region). It also
@@ -161,13 +108,19 @@ class _KeepPlan:
 
     def squared_norms(self, flat: torch.Tensor) -> torch.Tensor:
         """[total, frozen part] of the squared 2-norm of ``flat`` (fp32), in one read: per-row
-        norms of the whole rows plus the at most two partial edge rows."""
+        norms of the whole rows plus the at most two partial edge rows.
+
+        ``flat`` stays in its own dtype: each row's norm is accumulated in fp32 by the reduction
+        and rounded to that dtype (for bf16 gradients, 2^-8 relative per row; the sums, and the
+        logged fraction, are good to about 1e-4). Casting the whole gradient to fp32 first would
+        read it once more and write a copy twice its size, for a logged metric."""
         off, rows = self.mid
-        row_sq = torch.linalg.vector_norm(self._mid(flat), dim=1).square()
+        row_sq = torch.linalg.vector_norm(self._mid(flat), dim=1).float().square()
         total, frozen = row_sq.sum(), torch.dot(row_sq, self.frozen_mid)  # no sync on a mask
         for piece, is_frozen in ((flat[:off], self.frozen_head),
                                  (flat[off + rows * self.width:], self.frozen_tail)):
             if piece.numel():
+                piece = piece.float()  # at most two partial rows
                 sq = torch.dot(piece, piece)
                 total = total + sq
                 if is_frozen:
@@ -322,7 +275,7 @@ class LongActHandle:
                 grad = p.grad
             if grad is None:
                 continue
-            owned = grad.view(-1)[t.ref.flat_start:t.ref.flat_start + t.ref.main_param.numel()].float()
+            owned = grad.view(-1)[t.ref.flat_start:t.ref.flat_start + t.ref.main_param.numel()]
             pair = t.plan.squared_norms(owned).double()
             grad.index_fill_(0, t.frozen_rows, 0)
             if p.grad is not None and p.grad is not grad:

@@ -99,7 +99,8 @@ class VLLMServerEngine(RolloutEngine):
         payload = {"model": self.names[url], "prompt": prompt, "max_tokens": sampling.max_new_tokens,
                    "temperature": float(sampling.temperature), "logprobs": 0,
                    "return_token_ids": True, "return_tokens_as_token_ids": True,
-                   "stop_token_ids": [self.eos_id] if self.eos_id >= 0 else [], "ignore_eos": True,
+                   "stop_token_ids": [self.eos_id] if self.eos_id >= 0 and not sampling.ignore_eos else [],
+                   "ignore_eos": True,
                    "n": 1}
         if sampling.temperature > 0:
             payload.update(top_p=float(sampling.top_p), top_k=int(sampling.top_k) or -1,

@@ -52,9 +52,10 @@ def _row_seed(seed: int, sample_id: int) -> int:
 
 def sampling_params_kwargs(sampling, eos_id: int, sample_ids) -> list[dict]:
     """vLLM ``SamplingParams`` fields, one dict per row (plain data: they cross processes)."""
-    # Our EOS id stops a row (a negative id: nothing does); the model config's own EOS is ignored,
-    # as megatron's sampler knows only ours.
-    base = dict(max_tokens=sampling.max_new_tokens, stop_token_ids=[eos_id] if eos_id >= 0 else [],
+    # Our EOS id stops a row (a negative id or sampling.ignore_eos: nothing does); the model
+    # config's own EOS is ignored, as megatron's sampler knows only ours.
+    stop = [eos_id] if eos_id >= 0 and not sampling.ignore_eos else []
+    base = dict(max_tokens=sampling.max_new_tokens, stop_token_ids=stop,
                 ignore_eos=True, logprobs=0, temperature=float(sampling.temperature), detokenize=False)
     if sampling.temperature > 0:
         base.update(top_p=float(sampling.top_p), top_k=int(sampling.top_k) if sampling.top_k else -1)

@@ -71,6 +71,10 @@ class RLConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 16
+    ignore_eos: bool = False
+    """Every response runs to max_new_tokens: EOS does not end it (and it counts as truncated).
+    For throughput measurements, where the work must not depend on what is sampled; a run that
+    learns leaves it off."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     mini_batches: int = 1

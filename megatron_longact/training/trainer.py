@@ -378,7 +378,8 @@ class Trainer:
         prompts = [self._prompt(r) for r in records]
         prompts = [p for p in prompts for _ in range(G)]
         sampling = SamplingConfig(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
-                                  max_new_tokens=rl.max_new_tokens, seed=self.cfg.train.seed)
+                                  max_new_tokens=rl.max_new_tokens, seed=self.cfg.train.seed,
+                                  ignore_eos=rl.ignore_eos)
         if self.handle is not None:
             self.handle.set_collecting(False)
         try:

@@ -184,25 +184,29 @@ def main() -> int:
     cases = [c for c in args.cases.split(",") if c]
     for c in cases:
         _case(c)  # fail on a bad name before building anything
+    from benchmarks.alternate import StolenTime
+
     runtime = initialize(ParallelConfig(), seed=0)
-    print(f"{torch.get_num_threads()} threads, single process (DP=1, TP=1), median of {args.iters} "
-          f"optimizer steps per case, LongAct defaults (keep_ratio 0.3, every_step)")
-    print(f"  {'case':14s} {'trained params':>15s} {'plain ms':>10s} {'LongAct ms':>11s} {'ratio':>7s}")
-    for allocator in allocators:
-        if allocator == "reuse" and not _reuse_freed_memory():
-            print("  (reuse: glibc's mallopt is not available here; skipped)")
-            continue
-        print(f" host allocator: {ALLOCATORS[allocator]}")
-        for c in cases:
-            cfg, trainable = _case(c)
-            tp, tl, n, extra, qkv = measure(cfg, trainable, args.iters, args.seq, runtime.parallel,
-                                            runtime.device)
-            print(f"  {c:14s} {n:15,d} {tp * 1e3:10.2f} {tl * 1e3:11.2f} {tl / tp:7.3f}   (target <= 1.00)"
-                  f"   compact state + buffers {extra / 2**20:.1f} MiB "
-                  f"= {extra / qkv:.0%} of the linear_qkv moments")
+    with StolenTime() as stolen:  # the timed cases
+        print(f"{torch.get_num_threads()} threads, single process (DP=1, TP=1), median of {args.iters} "
+              f"optimizer steps per case, LongAct defaults (keep_ratio 0.3, every_step)")
+        print(f"  {'case':14s} {'trained params':>15s} {'plain ms':>10s} {'LongAct ms':>11s} {'ratio':>7s}")
+        for allocator in allocators:
+            if allocator == "reuse" and not _reuse_freed_memory():
+                print("  (reuse: glibc's mallopt is not available here; skipped)")
+                continue
+            print(f" host allocator: {ALLOCATORS[allocator]}")
+            for c in cases:
+                cfg, trainable = _case(c)
+                tp, tl, n, extra, qkv = measure(cfg, trainable, args.iters, args.seq, runtime.parallel,
+                                                runtime.device)
+                print(f"  {c:14s} {n:15,d} {tp * 1e3:10.2f} {tl * 1e3:11.2f} {tl / tp:7.3f}"
+                      f"   (target <= 1.00)   compact state + buffers {extra / 2**20:.1f} MiB "
+                      f"= {extra / qkv:.0%} of the linear_qkv moments")
     default, ema = llama70b_state_bytes()
     print(f"LongAct state kept between steps, Llama-3-70B shape, one rank (TP=8, PP=4): "
           f"{default:,} bytes (ema=0), {ema:,} bytes (ema=0.9)   (target <= 1,000,000)")
+    print(stolen.describe())
     destroy()
     return 0
 

@@ -29,7 +29,7 @@ def main() -> int:
     from megatron_longact.runtime import destroy, initialize
     from megatron_longact.training.trainer import Trainer
 
-    from benchmarks.alternate import alternate_rl_steps
+    from benchmarks.alternate import StolenTime, alternate_rl_steps
 
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=12)
@@ -46,7 +46,8 @@ def main() -> int:
             for name, flag in (("plain", "false"), ("longact", "true"))}
     runtime = initialize(cfgs["plain"].parallel, seed=cfgs["plain"].train.seed)
     trainers = {name: Trainer(cfg, runtime) for name, cfg in cfgs.items()}
-    split = {name: s[2:] for name, s in alternate_rl_steps(trainers, args.steps + 2).items()}  # warm-up
+    with StolenTime() as stolen:
+        split = {name: s[2:] for name, s in alternate_rl_steps(trainers, args.steps + 2).items()}  # warm-up
     print(f"RL step on {args.config} (tiny model, 1 process), median of {args.steps} steps:")
     total = {name: statistics.median(r + u for r, u in split[name]) for name in trainers}
     for name in trainers:
@@ -55,6 +56,7 @@ def main() -> int:
         print(f"  {name:8s} {total[name]:7.3f} s   (rollout {r:.3f} s, update {u:.3f} s)")
     ratio = total["longact"] / total["plain"]
     print(f"  ratio    {ratio:7.3f}     (target <= 1.02)")
+    print(f"  {stolen.describe()}")
     destroy()
     return 0
 

@@ -227,7 +227,9 @@ def main() -> int:
         print("vs_trl: TRL is not installed; pip install -e '.[bench]' (with torch pinned)",
               file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp:
+    from benchmarks.alternate import StolenTime
+
+    with tempfile.TemporaryDirectory() as tmp, StolenTime() as stolen:
         work = Path(tmp)
         prepare(work, args.engine)
         results = {"ours": [], "ours_off": [], "trl": []}
@@ -268,6 +270,7 @@ def main() -> int:
     print(f"  ours (LongAct on) / TRL   {med('ours') / med('trl'):6.3f}   (target <= {target})")
     print(f"    rollout {med('ours', 0) / med('trl', 0):6.3f}, update {med('ours', 1) / med('trl', 1):6.3f}")
     print(f"  ours LongAct on / off     {med('ours') / med('ours_off'):6.3f}   (target <= 1.02)")
+    print(f"  {stolen.describe()}")
     return 0
 
 

@@ -81,6 +81,7 @@ class StatsCollector:
         self._device = None
         self._mb_id = 0
         self._token_mask_SB: torch.Tensor | None = None
+        self._mask_cache = None  # (key, fp32 mask, token count) of the current micro-batch
         self._announced = False
         self._seen: dict[tuple[int, str], int] = {}
         for model in gpt_models:
@@ -182,7 +183,9 @@ class StatsCollector:
         if self._q.device != x_SBND.device:
             self._to_device(x_SBND.device)
         with torch.no_grad():
-            x = x_SBND.detach().float()
+            x = x_SBND.detach()
+            own = x.dtype != torch.float32  # .float() copies: the copy may be overwritten
+            x = x.float()
             # RoPE pair norms: both channels of a rotated pair get the pair's norm; the statistic
             # is computed on the D/2 pairs and duplicated afterwards (on [heads, D], not on the
             # activations). sqrt(a^2 + b^2) rather than torch.hypot: the same to an ulp for any
@@ -190,25 +193,16 @@ class StatsCollector:
             paired = self.point == "post_rope" and which != "v"
             if paired:
                 half = x.shape[-1] // 2
-                sq = x.square()
+                sq = x.square_() if own else x.square()
                 x = (sq[..., :half] + sq[..., half:]).sqrt_()
             else:
-                x = x.abs()
+                x = x.abs_() if own else x.abs()
             S, B = x.shape[:2]
-            mask = self._token_mask_SB
-            if mask is None:
-                mask = torch.ones(S, B, dtype=torch.float32, device=x.device)
-            else:
-                if tuple(mask.shape) != (S, B):
-                    raise ValueError(
-                        f"LongAct token mask has shape {tuple(mask.shape)}, but the attention sees "
-                        f"[seq={S}, batch={B}]"
-                    )
-                mask = mask.to(device=x.device, dtype=torch.float32)
+            mask, tokens = self._mask(S, B, x.device)
             if self.stat == "max_abs":
                 value_ND = (x * mask[:, :, None, None]).amax(dim=(0, 1))
             else:
-                xx = x * x if self.stat == "rms" else x
+                xx = x.square_() if self.stat == "rms" else x
                 # sum over (s, b) of mask * xx as one [1, S*B] x [S*B, N*D] product (einsum's
                 # permutes cost 2-3x as much on the CPU)
                 value_ND = (mask.reshape(1, S * B) @ xx.reshape(S * B, -1)).view(xx.shape[2:])
@@ -217,14 +211,34 @@ class StatsCollector:
             value = value_ND.reshape(-1)
             if which == "q":
                 target, idx = self._q, self._q_idx
-                self._count[slot] += mask.sum().to(torch.float64)
+                self._count[slot] += tokens
             else:
                 target, idx = (self._k, self._k_idx) if which == "k" else (self._v, self._k_idx)
                 value = value * self._k_owner  # a shared key group is reported by its owner only
             if self.stat == "max_abs":
                 target[slot, idx] = torch.maximum(target[slot, idx], value)
             else:
-                target[slot, idx] += value
+                target[slot].index_add_(0, idx, value)  # idx: distinct channels
+
+    def _mask(self, S: int, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch's token mask [S, B] as fp32 on ``device`` and its token count (fp64),
+        made once per micro-batch (every layer's q, k and v share them)."""
+        cached = self._mask_cache
+        if cached is not None and cached[0] == (self._mb_id, S, B, device):
+            return cached[1], cached[2]
+        mask = self._token_mask_SB
+        if mask is None:
+            mask = torch.ones(S, B, dtype=torch.float32, device=device)
+        else:
+            if tuple(mask.shape) != (S, B):
+                raise ValueError(
+                    f"LongAct token mask has shape {tuple(mask.shape)}, but the attention sees "
+                    f"[seq={S}, batch={B}]"
+                )
+            mask = mask.to(device=device, dtype=torch.float32)
+        tokens = mask.sum().to(torch.float64)
+        self._mask_cache = ((self._mb_id, S, B, device), mask, tokens)
+        return mask, tokens
 
     # -- reduction ---------------------------------------------------------------------------
     def reduce(self, *, dp_cp_group=None, tp_group=None, pp_group=None,

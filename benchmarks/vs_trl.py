@@ -12,7 +12,8 @@ compares different work (``--stop-at-eos`` restores stopping at EOS). Each run i
 and runs alternate (ours, TRL, TRL, ours, ...) so that drift of a shared machine hits both sides
 alike. Ours with LongAct on and off run in the same process, alternating steps, so that their
 ratio is not blurred by the spread between processes (with ``--engine vllm`` they run as separate
-processes: one process holds one colocated engine).
+processes: with both in one process, the two engines' helper processes took CPU time from the
+timed steps).
 
 Prints, per side, the median seconds per step over all timed steps of all runs, split into rollout
 (generation and reward) and update (everything else in the step: old/ref log-probs if any, forward,
@@ -234,8 +235,10 @@ def main() -> int:
         prepare(work, args.engine)
         results = {"ours": [], "ours_off": [], "trl": []}
         # LongAct on and off run in one process, alternating steps, so that their ratio compares
-        # like with like; two colocated vLLM engines do not fit in one process, so with vLLM each
-        # runs in its own (and that ratio carries the run-to-run spread of the machine).
+        # like with like. Not with vLLM: tried, the two engines' helper processes used CPU while
+        # the other trainer's step was timed (ours/TRL 1.26 instead of 0.92, the update 0.34
+        # instead of 0.28 s), so there each side runs in its own process (and the on/off ratio
+        # carries the run-to-run spread of the machine).
         order = ["ours_pair", "trl"] if args.engine == "megatron" else ["ours", "trl", "ours_off"]
         for run in range(args.runs):
             for side in (order if run % 2 == 0 else order[::-1]):

@@ -245,13 +245,13 @@ def test_eos_stops_each_row_truncation_is_flagged_and_ignore_eos_runs_on(single)
         assert out.tokens[i, :p].tolist() == PROMPTS[i]
         assert out.tokens[i, p:p + n].tolist() == out.response_ids(i)
         assert (out.tokens[i, p + n:] == TOK.pad_id).all()
+    # Row 0 stops at the latest on the token chosen as EOS.
+    assert int(out.response_lengths[0]) <= 3 and not bool(out.truncated[0])
     # With ignore_eos the EOS token does not end row 0: every row is the plain greedy run.
     ignored = single["ignore_eos"]
     assert eos in greedy.response_ids(0)[:-1]  # the case is real: row 0 would have stopped early
     assert torch.equal(ignored.responses, greedy.responses)
     assert (ignored.response_lengths == NEW).all() and ignored.truncated.all()
-    # Row 0 stops at the latest on the token chosen as EOS.
-    assert int(out.response_lengths[0]) <= 3 and not bool(out.truncated[0])
 
 
 def test_sampling_is_seeded_and_per_row(single):

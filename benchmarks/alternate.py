@@ -12,10 +12,13 @@ import time
 
 
 def alternate_rl_steps(trainers: dict, steps: int) -> dict[str, list[tuple[float, float]]]:
-    """Run ``steps`` RL steps of each trainer (built with no SFT phase), the order reversed every
-    step. Returns, per trainer and step, (rollout seconds, the rest of the step in seconds)."""
-    for trainer in trainers.values():
-        trainer._start_rl()
+    """Run ``steps`` RL steps of each trainer (built with no SFT phase) with ``Trainer.train_step``,
+    the order reversed every step. Returns, per trainer and step, (rollout seconds, the rest of the
+    step in seconds), the rest including the weight push to the rollout engine."""
+    for name, trainer in trainers.items():
+        if trainer.step < trainer.sft_steps:
+            raise ValueError(f"alternate_rl_steps: trainer {name!r} has SFT steps to run first "
+                             f"(sft.steps={trainer.sft_steps}); build it with sft.steps=0")
     out = {name: [] for name in trainers}
     for step in range(steps):
         order = list(trainers.items())
@@ -23,11 +26,8 @@ def alternate_rl_steps(trainers: dict, steps: int) -> dict[str, list[tuple[float
             order.reverse()
         for name, trainer in order:
             t0 = time.perf_counter()
-            metrics = trainer.rl_step()
+            metrics = trainer.train_step()
             total = time.perf_counter() - t0
-            trainer.step += 1
-            if trainer.rollout is not None:  # as Trainer.run: push the new weights to the engine
-                trainer.rollout.after_update(trainer.step - trainer.sft_steps)
             rollout = metrics["perf/rollout_seconds"]
             out[name].append((rollout, total - rollout))
     return out

@@ -79,12 +79,8 @@ def rl_step(args, runtime, tmp) -> None:
     for step in range(args.steps + 1):
         order = list(trainers.items())[::(-1 if step % 2 else 1)]
         for name, trainer in order:
-            trainer._start_rl()
             t0 = time.perf_counter()
-            metrics = trainer.rl_step()
-            trainer.step += 1
-            if trainer.rollout is not None:
-                trainer.rollout.after_update(trainer.step - trainer.sft_steps)
+            metrics = trainer.train_step()
             dt = time.perf_counter() - t0
             if step >= 1:  # step 0 starts the engine
                 times[name].append(dt)

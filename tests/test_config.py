@@ -39,6 +39,12 @@ def test_value_checks():
         load_run_config(DEMO, ["train.micro_batch_size=0"])
     with pytest.raises(ConfigError, match=r"model\.num_query_groups"):
         load_run_config(DEMO, ["model.num_query_groups=3"])
+    # Responses that never stop at EOS are all overlong: DAPO's overlong shaping would treat
+    # every one of them alike, so the combination is refused.
+    for shaping in ("rl.overlong_filter=true", "rl.overlong_buffer=2"):
+        with pytest.raises(ConfigError, match=r"rl\.ignore_eos: .*rl\.overlong_"):
+            load_run_config(DEMO, ["rl.ignore_eos=true", shaping])
+        load_run_config(DEMO, [shaping])
 
 
 def test_layout_product_must_match_world_size():

@@ -1,5 +1,6 @@
 """The SFT + RL trainer end to end on the tiny model: layouts with 1, 2 and 4 ranks, resume after a
-preemption signal reproduces the uninterrupted run, bad config values fail before any model."""
+preemption signal reproduces the uninterrupted run, a loop of ``train_step`` reproduces ``run``,
+bad config values fail before any model."""
 
 import os
 import signal
@@ -89,11 +90,15 @@ def _preempt_and_resume(runtime, tmp):
     resumed = Trainer(cfg, runtime)
     rest_hist = resumed.run()
     params = {n: p.detach().clone() for n, p in resumed.engine.gpt_models[0].named_parameters()}
-    return full_hist, full_params, cut_hist, saved, rest_hist, params
+    # The same run as a loop of train_step (what benchmarks and notebooks drive).
+    stepped = Trainer(_config(tmp, f"{tmp}/stepped", **{"rl.kl_coef": 0.05}), runtime)
+    step_hist = [stepped.train_step() for _ in range(stepped.total_steps)]
+    step_params = {n: p.detach().clone() for n, p in stepped.engine.gpt_models[0].named_parameters()}
+    return full_hist, full_params, cut_hist, saved, rest_hist, params, (stepped.step, step_hist, step_params)
 
 
 def test_preemption_saves_and_resume_reproduces_the_run(tmp_path):
-    full_hist, full_params, cut_hist, saved, rest_hist, params = run_distributed(
+    full_hist, full_params, cut_hist, saved, rest_hist, params, stepped = run_distributed(
         _preempt_and_resume, args=(str(tmp_path),))[0]
     assert [h["step"] for h in cut_hist] == [0, 1, 2] and saved == "3"
     assert [h["step"] for h in rest_hist] == [3]
@@ -103,6 +108,13 @@ def test_preemption_saves_and_resume_reproduces_the_run(tmp_path):
     assert rest_hist[0]["rl/kl"] == full_hist[3]["rl/kl"] > 0.0
     for name, p in full_params.items():
         assert torch.equal(p, params[name]), name
+    # train_step in a loop is run() without its logging, checkpoints and evaluation.
+    step_count, step_hist, step_params = stepped
+    assert step_count == 4 and "sft/loss" in step_hist[0] and "longact/kept_fraction_q" in step_hist[2]
+    for key in ("sft/loss", "rl/reward", "rl/kl", "train/grad_norm"):
+        assert [h.get(key) for h in step_hist] == [h.get(key) for h in full_hist], key
+    for name, p in full_params.items():
+        assert torch.equal(p, step_params[name]), name
 
 
 def test_bad_rl_config_fails_before_any_model(monkeypatch, capsys, tmp_path):

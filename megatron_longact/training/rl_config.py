@@ -124,6 +124,14 @@ class RLConfig:
         if self.overlong_buffer >= self.max_new_tokens:
             raise ConfigError(f"rl.overlong_buffer: {self.overlong_buffer} must be smaller than "
                               f"rl.max_new_tokens={self.max_new_tokens}")
+        if self.ignore_eos and (self.overlong_filter or self.overlong_buffer):
+            # Every response would be overlong: the filter would drop all of them from the loss,
+            # the buffer would give all of them the full penalty.
+            raise ConfigError("rl.ignore_eos: every response runs to rl.max_new_tokens, so "
+                              + ("rl.overlong_filter would drop all of them from the loss"
+                                 if self.overlong_filter else
+                                 "rl.overlong_buffer would give all of them the full penalty")
+                              + "; set rl.ignore_eos=false for a run that learns")
         check_positive("rl.kl_coef", self.kl_coef, allow_zero=True)
         check_choice("rl.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         check_choice("rl.old_log_probs", self.old_log_probs, ("auto", "recompute"))

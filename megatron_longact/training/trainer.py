@@ -675,36 +675,62 @@ class Trainer:
         return samples
 
     # -- loop --------------------------------------------------------------------------------
-    def _log(self, metrics: dict, elapsed: float, bar) -> None:
+    def train_step(self) -> dict:
+        """Run the next step as :meth:`run` does and return its metrics: an SFT step for the first
+        ``sft.steps`` steps, an RL step after (with LongAct's metrics). Then advance ``self.step``
+        and hand the rollout engine the new weights (every ``rollout.sync_interval`` RL steps; an
+        SFT step only marks them stale, the next generation syncs first).
+
+        For loops of one's own (benchmarks, notebooks, interleaving several trainers); ``run``
+        adds resume, logging, checkpoints, stop requests and the final evaluation around it."""
+        if self.step < self.sft_steps:
+            metrics = self.sft_step()
+        else:
+            self._start_rl()
+            if self.handle is not None:  # full statistics only for the heatmap's steps
+                every = self.cfg.longact.heatmap_interval
+                self.handle.longact.retain_stats = bool(every) and self.step % every == 0
+            metrics = self.rl_step()
+            if self.handle is not None:
+                metrics.update(self.handle.metrics)
+        self.step += 1
+        if self.rollout is not None:
+            if self.step > self.sft_steps:
+                self.rollout.after_update(self.step - self.sft_steps)
+            else:
+                self.rollout.invalidate()
+        return metrics
+
+    def _log(self, step: int, metrics: dict, elapsed: float, bar) -> None:
         from megatron_longact.training import logs
 
         if self.prompt_report is not None:
             # This rank's prompts so far; the filter counts are global.
             metrics = {**metrics, **self.prompt_report.metrics(),
                        "data/prompts_truncated": float(self.prompts_truncated)}
-        self.history.append({"step": self.step, **metrics})
+        self.history.append({"step": step, **metrics})
         self.clock.add(elapsed)
         if not self.rank0:
             return
         scalars = {**metrics, "perf/tokens_per_second": metrics.get("perf/tokens", 0.0) / max(elapsed, 1e-9),
                    "perf/seconds_per_step": elapsed}
         for k, v in scalars.items():
-            self.writer.add_scalar(k, v, self.step)
+            self.writer.add_scalar(k, v, step)
         if self.wandb is not None:
-            self.wandb.log(scalars, self.step)
+            self.wandb.log(scalars, step)
         if self.handle is not None and self.cfg.longact.heatmap_interval and \
-                self.step % self.cfg.longact.heatmap_interval == 0:
+                step % self.cfg.longact.heatmap_interval == 0:
             from megatron_longact.longact.figures import log_saliency_figures
 
-            log_saliency_figures(self.handle.longact, self.step, self.cfg.longact.keep_ratio,
+            log_saliency_figures(self.handle.longact, step, self.cfg.longact.keep_ratio,
                                  self.out_dir / "figures", self.writer, self.wandb)
-        phase = logs.phase_of(self.step, self.sft_steps, self.total_steps)[0]
+        phase = logs.phase_of(step, self.sft_steps, self.total_steps)[0]
         if not bar.disable and getattr(bar, "desc", phase) != phase:
             bar.set_description_str(phase, refresh=False)
         bar.set_postfix_str(logs.console_postfix(metrics), refresh=False)
         bar.update(1)
-        if self.step % self.cfg.train.log_interval == 0 or self.step == self.total_steps - 1:
-            line = logs.format_line(self.step, self.total_steps, self.sft_steps, metrics, elapsed, self.clock)
+        if step % self.cfg.train.log_interval == 0 or step == self.total_steps - 1:
+            line = logs.format_line(step, self.total_steps, self.sft_steps, metrics, elapsed, self.clock)
             if bar.disable:
                 logs.get_logger().info(line)
             else:
@@ -734,25 +760,8 @@ class Trainer:
                        desc=logs.phase_of(self.step, self.sft_steps, self.total_steps)[0])
             while self.step < self.total_steps:
                 t0 = time.monotonic()
-                if self.step < self.sft_steps:
-                    metrics = self.sft_step()
-                else:
-                    self._start_rl()
-                    if self.handle is not None:  # full statistics only for the heatmap's steps
-                        every = self.cfg.longact.heatmap_interval
-                        self.handle.longact.retain_stats = bool(every) and self.step % every == 0
-                    metrics = self.rl_step()
-                    if self.handle is not None:
-                        metrics.update(self.handle.metrics)
-                self._log(metrics, time.monotonic() - t0, bar)
-                self.step += 1
-                if self.rollout is not None:
-                    # The policy moved: push it to the engine every rollout.sync_interval RL steps
-                    # (SFT steps only mark it stale; the next generation syncs first).
-                    if self.step > self.sft_steps:
-                        self.rollout.after_update(self.step - self.sft_steps)
-                    else:
-                        self.rollout.invalidate()
+                metrics = self.train_step()
+                self._log(self.step - 1, metrics, time.monotonic() - t0, bar)
                 interval = self.cfg.checkpoint.interval
                 self.finish_save(blocking=False)
                 if self._stop_requested():

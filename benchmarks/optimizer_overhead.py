@@ -103,38 +103,19 @@ def measure(model_cfg, trainable, iters: int, seq: int, parallel, device):
 
 
 def llama70b_state_bytes() -> tuple[int, int]:
-    """Bytes LongAct keeps between steps on one rank for Llama-3-70B (TP=8, PP=4), from the real
-    objects: the global mask state after two mask updates (packed masks, churn, the EMA when
-    ema > 0), what the controller keeps of the last step for its metrics (per-layer top/median and
-    token counts; the full statistics only on heatmap steps) and this rank's statistics
-    accumulators. Returns (default config, with ema=0.9)."""
+    """Bytes LongAct keeps between steps on one rank for Llama-3-70B (TP=8, PP=4: 20 layers a
+    stage), from the real objects (``persistent_state_bytes``): the global mask state with its
+    current and previous mask (packed masks, churn, the EMA when ema > 0), what the controller
+    keeps of the last step for its metrics (per-layer top/median and token counts; the full
+    statistics only on heatmap steps) and this rank's statistics accumulators. Returns (default
+    config, with ema=0.9)."""
     from megatron_longact.longact import LongActConfig
+    from megatron_longact.longact.controller import persistent_state_bytes
     from megatron_longact.longact.layout import QKGeometry
-    from megatron_longact.longact.metrics import stat_extremes
-    from megatron_longact.longact.state import MaskState
-    from megatron_longact.longact.stats import GlobalStats, StatsCollector
-
-    def nbytes(tensors) -> int:
-        return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
     geo = QKGeometry(num_layers=80, num_heads=64, num_groups=8, head_dim=128)
-    gen = torch.Generator().manual_seed(0)
-    results = []
-    for cfg in (LongActConfig(), LongActConfig(ema=0.9)):
-        state = MaskState(cfg, geo)
-        for step in range(2):
-            stats = GlobalStats(torch.rand(80, geo.q_channels, generator=gen),
-                                torch.rand(80, geo.k_channels, generator=gen), torch.ones(80))
-            state.update(stats, step)
-        # This rank's accumulators: a collector over no model, given the stage's 20 layer slots.
-        collector = StatsCollector([], geo, tp_rank=0, tp_size=8)
-        collector._layers = list(range(20))
-        collector.reset()
-        total = nbytes(state.state_dict().values())
-        total += nbytes([t for pair in stat_extremes(stats).values() for t in pair] + [stats.tokens_L])
-        total += nbytes((collector._q, collector._k, collector._count))
-        results.append(total)
-    return results[0], results[1]
+    return tuple(persistent_state_bytes(cfg, geo, local_layers=20)
+                 for cfg in (LongActConfig(), LongActConfig(ema=0.9)))
 
 
 ALLOCATORS = {

@@ -36,11 +36,15 @@ Memory model (bytes per GPU; all of it is an estimate, stated so that it can be 
   flight. The last stage adds the logits of one micro-batch: 8 B per vocab-parallel logit (the bf16
   output, the fp32 copy that megatron's vocab-parallel cross entropy keeps as softmax for the
   backward, the bf16 gradient).
-* LongAct: persistent per-channel fp32 statistics (accumulator and EMA, Q and K) and bool masks
-  (current and previous), a few MB; and, at the optimizer step with ``apply_to=update``, a bool
-  element mask over this rank's shard of each ``linear_qkv`` main weight (2 B per element with its
-  expansion) plus fp32 snapshots of the frozen entries of the main weight and both Adam moments
-  (12 B x (1 - keep_ratio) x the Q/K rows' share of the shard).
+* LongAct, all of it kept between steps (static): its own state, measured on the real objects
+  (:func:`megatron_longact.longact.controller.persistent_state_bytes`: packed masks, churn, the
+  EMA, the last step's per-layer metrics, this rank's fp32 statistics accumulators; about 0.8 MB
+  per rank at 70B), and with ``apply_to=update`` the optimizer state it keeps compact: the kept
+  q/k rows (and short V runs) of each ``linear_qkv`` main shard, whose two fp32 moments (with 1/8
+  slack) and fp32 value and gradient buffers exist beside megatron's full-layout tensors, about
+  17 B per kept element (:func:`megatron_longact.longact.optimizer.compact_state_bound`, an upper
+  bound; divided over the distributed optimizer's shards). The optimizer step itself adds only
+  row-index arrays.
 * Optional: a KL reference model (bf16 weights, same sharding, no gradients or optimizer state;
   implied by ``rl.kl_coef > 0`` when the run config has an rl section).
 * RL runs (``train.mode: rl``): the batch comes from the ``rl`` section (``prompts_per_step x
@@ -66,9 +70,9 @@ Memory model (bytes per GPU; all of it is an estimate, stated so that it can be 
 * Fixed reserve for the CUDA context, NCCL buffers and library workspaces (default 4 GiB), and a
   fraction of the device kept free for allocator fragmentation (default 10%).
 
-Peak = static (weights, gradients, optimizer, FP8 copies, reference model, LongAct persistent
-state, reserve) + the largest of the phases that do not overlap: forward/backward activations,
-the optimizer step's LongAct transients, the rollout KV cache.
+Peak = static (weights, gradients, optimizer, FP8 copies, reference model, LongAct state,
+reserve) + the largest of the phases that do not overlap: forward/backward activations, the
+rollout KV cache.
 """
 
 from __future__ import annotations
@@ -250,21 +254,23 @@ def layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, *, sequence_p
 
 
 def _longact_bytes(cfg: ModelConfig, la: LongActConfig | None, tp: int, pp: int, shard: int,
-                   tokens: int) -> tuple[int, int, int]:
-    """(persistent, optimizer-step transient, forward transient) bytes of LongAct on one rank."""
+                   tokens: int) -> tuple[int, int]:
+    """(kept between steps, forward transient) bytes of LongAct on one rank."""
     if la is None or not la.enabled:
-        return 0, 0, 0
-    L, hn = cfg.num_layers, cfg.kv_channels
-    channels = (cfg.num_attention_heads + cfg.num_query_groups) * hn
-    persistent = L * channels * (4 * 4 + 4 * 1)  # accumulator + EMA (fp32, Q and K), 4 bool masks
-    step = 0
-    if la.apply_to == "update" and la.strategy != "none":
-        qkv = layer_parameters(cfg, tp)["qkv"] * (cfg.num_layers // pp) // shard
-        qk_share = (cfg.num_attention_heads + cfg.num_query_groups) / (
-            cfg.num_attention_heads + 2 * cfg.num_query_groups)
-        step = 2 * qkv + int(12 * (1 - la.keep_ratio) * qk_share * qkv)
+        return 0, 0
+    from megatron_longact.longact.controller import persistent_state_bytes
+    from megatron_longact.longact.layout import QKGeometry
+    from megatron_longact.longact.optimizer import compact_state_bound
+
+    geometry = QKGeometry(cfg.num_layers, cfg.num_attention_heads, cfg.num_query_groups,
+                          cfg.kv_channels)
+    layers = cfg.num_layers // pp
+    compact = compact_state_bound(la, geometry, cfg.hidden_size, tp_size=tp, local_layers=layers,
+                                  bias=cfg.add_qkv_bias and la.include_bias)
+    persistent = persistent_state_bytes(la, geometry, layers) + math.ceil(compact / shard)
+    channels = (cfg.num_attention_heads + cfg.num_query_groups) * cfg.kv_channels
     forward = 4 * tokens * channels // tp  # |q|, |k| of one layer in fp32 while its hook runs
-    return persistent, step, forward
+    return persistent, forward
 
 
 def rl_batch(run: RunConfig, dp: int) -> dict | None:
@@ -316,7 +322,7 @@ def stage_memory(run: RunConfig, parallel, stage: int, opts: PlanOptions,
     if opts.reference_model:
         items["reference model"] = n * 2
     tokens = train.seq_length // cp * train.micro_batch_size
-    la_persistent, la_step, la_forward = _longact_bytes(cfg, opts.longact, tp, pp, shard, tokens)
+    la_persistent, la_forward = _longact_bytes(cfg, opts.longact, tp, pp, shard, tokens)
     items["longact state"] = la_persistent
     items["reserve"] = int(opts.reserve_gib * GiB)
 
@@ -334,7 +340,7 @@ def stage_memory(run: RunConfig, parallel, stage: int, opts: PlanOptions,
     if stage == pp - 1:
         activations += 8 * tokens * cfg.padded_vocab_size // tp
     activations += la_forward
-    phases = {"activations": activations, "optimizer step (longact)": la_step}
+    phases = {"activations": activations}
     if opts.rollout_sequences:
         kv = kv_cache_bytes_per_sequence(cfg, train.seq_length, tp, pp)
         phases["rollout kv cache"] = kv * opts.rollout_sequences

@@ -52,6 +52,7 @@ def _run(runtime, dtype, distributed, longact_cfg, steps, clip=1.0, bucket=None)
     out = {"params": {n: p.detach().clone() for n, p in gpt.named_parameters()}, "init": init,
            "init_main": init_main, "targets": []}
     if handle is not None:
+        out["compact_bytes"] = handle.compact_state_bytes()  # before reading the state flushes it
         rows = {id(m.weight): r for m, r in handle.longact.local_qkv_row_masks()}
         names = {id(p): n for n, p in gpt.named_parameters()}
         out["keep_rows"] = {names[k]: r for k, r in rows.items()}
@@ -109,6 +110,27 @@ def test_frozen_rows_are_bit_identical(dtype, distributed, layout):
         assert 0.0 < out["metrics"]["longact/grad_norm_removed_fraction_qkv"] < 1.0
     if distributed and layout.get("dp") == 2:
         assert any_split, "no linear_qkv weight is split across DP ranks: the case is not exercised"
+    # What the memory planner counts for LongAct, against the real objects of these runs.
+    from megatron_longact.longact.controller import persistent_state_bytes
+    from megatron_longact.longact.layout import QKGeometry
+    from megatron_longact.longact.optimizer import compact_state_bound
+
+    tp, pp = layout.get("tp", 1), layout.get("pp", 1)
+    geometry = QKGeometry(num_layers=4, num_heads=4, num_groups=2, head_dim=16)
+    for out in results:
+        assert out["persistent_bytes"] == persistent_state_bytes(FIXED, geometry, 4 // pp)
+    bound = compact_state_bound(FIXED, geometry, 64, tp_size=tp, local_layers=4 // pp)
+    if distributed:  # the DP ranks share a weight's state: the bound covers their sum
+        real = sum(out["compact_bytes"] for out in results)
+        assert 0 < real <= bound * tp * pp
+    else:  # every DP rank holds all of it
+        real = results[0]["compact_bytes"]
+        assert all(0 < out["compact_bytes"] <= bound for out in results)
+    if tp == 1 and (not distributed or len(results) == pp):
+        # Whole weights (no DP sharding): per layer 19 q + 10 k + 32 V rows of 64 fp32 values, 16 B
+        # each (two moments, value and gradient buffers). A fixed mask never grows the set, so
+        # the moments carry none of the 1/8 slack the bound allows for.
+        assert real == 4 * 61 * 64 * 16
 
 
 def test_strategy_none_is_bit_identical_to_plain_megatron():

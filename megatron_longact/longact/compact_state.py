@@ -76,6 +76,19 @@ SyncedState.__deepcopy__ = _deepcopy
 SyncedState.__copy__ = lambda self: SyncedState.copy(self)
 
 
+def capacity(n: int) -> int:
+    """Rows a compact tensor is allocated with for ``n`` live rows: 1/8 slack, so that a mask
+    change that adds a few rows does not reallocate."""
+    return n + n // 8
+
+
+def compact_rows_bytes(n: int, width: int, itemsize: int = 4) -> int:
+    """Bytes of a :class:`CompactRows` that has held at most ``n`` rows of ``width`` elements:
+    Adam's two moments at :func:`capacity` plus the value and gradient buffers (fp32 main
+    parameters and main gradients)."""
+    return (2 * capacity(n) + 2 * n) * width * itemsize
+
+
 class CompactRows:
     """The compact optimizer state of some whole rows of one main shard.
 
@@ -175,7 +188,7 @@ class CompactRows:
         for k in full_mid:
             storage = self.moments.get(k)
             if storage is None or storage.shape[0] < n_new:
-                grown = torch.empty((n_new + n_new // 8, self.width), dtype=full_mid[k].dtype,
+                grown = torch.empty((capacity(n_new), self.width), dtype=full_mid[k].dtype,
                                     device=self.device)
                 if storage is not None:
                     grown[:n].copy_(storage[:n])

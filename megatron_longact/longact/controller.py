@@ -128,6 +128,43 @@ class LongAct:
                                                self.groups.tp_rank, self.groups.tp_size)
         return [(layer.self_attention.linear_qkv, rows_LP[i]) for i, layer in enumerate(layers)]
 
+    def persistent_bytes(self) -> int:
+        """Bytes this controller keeps between steps: the mask state (packed masks, churn, EMA),
+        the last step's per-layer metrics (top and median statistic, token counts) and this
+        rank's statistics accumulators. The full statistics of ``last_stats`` are not counted:
+        the trainer keeps them only for heatmap steps."""
+        tensors = [t for t in self.state.state_dict().values() if torch.is_tensor(t)]
+        if self._last_extremes is not None:
+            tensors += [t for pair in self._last_extremes.values() for t in pair]
+        if self.last_tokens_L is not None:
+            tensors.append(self.last_tokens_L)
+        if self.collector is not None:
+            tensors += self.collector.accumulators()
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def remove(self) -> None:
         if self.collector is not None:
             self.collector.remove_hooks()
+
+
+def persistent_state_bytes(cfg: LongActConfig, geometry: QKGeometry, local_layers: int) -> int:
+    """:meth:`LongAct.persistent_bytes` of a rank with ``local_layers`` attention layers once
+    masking runs, measured on the real objects rather than by formula: a :class:`MaskState`
+    after the steps that give it its current and previous mask (as the schedule computes them),
+    the last step's metrics, and a :class:`StatsCollector`'s accumulators for that many layers.
+    For the memory planner and ``benchmarks/optimizer_overhead.py``."""
+    L = geometry.num_layers
+    gen = torch.Generator().manual_seed(0)
+    stats = GlobalStats(torch.rand(L, geometry.q_channels, generator=gen),
+                        torch.rand(L, geometry.k_channels, generator=gen),
+                        torch.ones(L, dtype=torch.float64))
+    state = MaskState(cfg, geometry)
+    last = cfg.warmup_steps + (cfg.every_n if cfg.schedule == "every_n" else 1)
+    for step in range(last + 1):
+        state.update(stats, step)
+    collector = StatsCollector([], geometry, stat=cfg.stat, point=cfg.point)
+    collector.set_layer_slots(list(range(local_layers)))
+    tensors = [t for t in state.state_dict().values() if torch.is_tensor(t)]
+    tensors += [t for pair in stat_extremes(stats).values() for t in pair] + [stats.tokens_L]
+    tensors += collector.accumulators()
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -31,9 +31,11 @@ import numpy as np
 import torch
 
 from megatron_longact.compat import MainParamRef, main_param_refs
-from megatron_longact.longact.compact_state import CompactRows, SyncedState
+from megatron_longact.longact.compact_state import CompactRows, SyncedState, compact_rows_bytes
 from megatron_longact.longact.config import LongActConfig
 from megatron_longact.longact.controller import LongAct, LongActGroups, megatron_groups
+from megatron_longact.longact.layout import QKGeometry
+from megatron_longact.longact.selection import keep_count
 from megatron_longact.runtime import collectives
 
 
@@ -45,6 +47,36 @@ from megatron_longact.runtime import collectives
 # (benchmarks/optimizer_overhead.py, 30 M model, V runs of 64 x 512): gathering them too made the
 # step 1.18x the plain one instead of 1.27x. Partial edge rows are always stepped in place.
 MIN_IN_PLACE_RUN = 262144
+
+
+def compact_state_bound(cfg: LongActConfig, geometry: QKGeometry, width: int, *, tp_size: int = 1,
+                        local_layers: int | None = None, bias: bool = False) -> int:
+    """An upper bound of :meth:`LongActHandle.compact_state_bytes` on one TP rank, summed over the
+    data-parallel shards of its ``local_layers`` linear_qkv weights (``width`` = hidden size) and,
+    with ``bias``, their q/k/v biases. The memory planner divides it by the shard count.
+
+    Each layer's compact set holds its kept q/k rows, and the V rows when a V run (``head_dim``
+    rows) is shorter than :data:`MIN_IN_PLACE_RUN`. Kept rows per TP rank: exact with
+    ``scope=head``; with ``scope=layer`` (``model``) the top-k of the layer (of the model) may fall
+    on one rank's heads, so at most min(local channels, k). Long kept runs and partial edge rows of
+    DP shards are stepped in place and only lower the real figure.
+    """
+    if not cfg.enabled or cfg.apply_to != "update" or cfg.strategy == "none":
+        return 0
+    g, r = geometry, cfg.keep_ratio
+    q_local, k_local = g.q_channels // tp_size, g.k_channels // tp_size
+    if cfg.scope == "head":
+        q_keep = g.num_heads // tp_size * keep_count(g.head_dim, r)
+        k_keep = g.num_groups // tp_size * keep_count(g.head_dim, r)
+    else:
+        layers = g.num_layers if cfg.scope == "model" else 1
+        q_keep = min(q_local, keep_count(layers * g.q_channels, r))
+        k_keep = min(k_local, keep_count(layers * g.k_channels, r))
+    v_rows = k_local if g.head_dim * width < MIN_IN_PLACE_RUN else 0
+    per_layer = compact_rows_bytes(q_keep + k_keep + v_rows, width)
+    if bias:  # one element per row: every V run is short
+        per_layer += compact_rows_bytes(q_keep + k_keep + k_local, 1)
+    return (g.num_layers if local_layers is None else local_layers) * per_layer
 
 
 class _KeepPlan:
@@ -417,17 +449,11 @@ class LongActHandle:
         self.longact.state.load_state_dict(sd["mask_state"])
 
     def persistent_bytes(self) -> int:
-        """Bytes LongAct keeps between steps on this rank (statistics accumulators, EMA and masks);
-        no per-element mask of weight size is kept."""
-        total = 0
-        for t in self.longact.state.state_dict().values():
-            if torch.is_tensor(t):
-                total += t.numel() * t.element_size()
-        col = self.longact.collector
-        if col is not None:
-            for t in (col._q, col._k, col._count):
-                total += t.numel() * t.element_size()
-        return total
+        """Bytes of LongAct's own state on this rank between steps, as
+        :func:`~megatron_longact.longact.controller.persistent_state_bytes` counts them (masks,
+        churn, EMA, the last step's per-layer metrics, statistics accumulators); the optimizer
+        state it keeps compact is :meth:`compact_state_bytes`."""
+        return self.longact.persistent_bytes()
 
     def compact_state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds twice while the kept rows' moments are

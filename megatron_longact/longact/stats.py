@@ -142,6 +142,18 @@ class StatsCollector:
         self._count = torch.zeros(n, dtype=torch.float64, device=device)
         self._seen.clear()
 
+    def accumulators(self) -> list[torch.Tensor]:
+        """The per-step accumulators (Q, K, V sums and token counts) this collector holds."""
+        return [self._q, self._k, self._v, self._count]
+
+    def set_layer_slots(self, layers: list[int]) -> None:
+        """Give a collector without hooks the global layer index of each slot (memory accounting
+        and tests: a collector over no model has none)."""
+        if self._handles:
+            raise RuntimeError("set_layer_slots: this collector has hooks on a model's layers")
+        self._layers = list(layers)
+        self.reset()
+
     def _to_device(self, device: torch.device) -> None:
         # Accumulate where the activations live: no host sync inside the forward pass.
         self._device = device

@@ -58,12 +58,10 @@ def _case(name: str):
 
 
 def measure(model_cfg, trainable, iters: int, seq: int, parallel, device):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megatron_longact.longact import LongActConfig
     from megatron_longact.longact.optimizer import install
     from megatron_longact.training.config import TrainConfig
-    from megatron_longact.training.engine import setup_engine
+    from megatron_longact.training.engine import forward_backward, setup_engine
     from megatron_longact.training.lm import _forward_step, micro_batches_for_step
 
     train = TrainConfig(steps=iters + 3, seq_length=seq, micro_batch_size=2, global_batch_size=2,
@@ -73,14 +71,8 @@ def measure(model_cfg, trainable, iters: int, seq: int, parallel, device):
     handle = install(masked.model, masked.optimizer, LongActConfig())
 
     def fwd_bwd(engine, la, step):
-        for chunk in engine.model:
-            chunk.zero_grad_buffer()
-        engine.optimizer.zero_grad()
-        get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, la),
-            data_iterator=iter(micro_batches_for_step(step, engine, device)),
-            model=engine.model, num_microbatches=1, seq_length=seq, micro_batch_size=2,
-            forward_only=False)
+        forward_backward(engine, partial(_forward_step, la),
+                         iter(micro_batches_for_step(step, engine, device)), 1, seq, 2)
 
     times = {"plain": [], "longact": []}
     for step in range(iters + 3):

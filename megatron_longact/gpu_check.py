@@ -379,10 +379,9 @@ def _check_stats_overhead(opts: Options, workdir: Path) -> dict:
 def _check_optimizer_overhead(opts: Options, workdir: Path) -> dict:
     from functools import partial
 
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megatron_longact.longact import LongActConfig
     from megatron_longact.longact.optimizer import install
+    from megatron_longact.training.engine import forward_backward
     from megatron_longact.training.lm import _forward_step, micro_batches_for_step
 
     runtime, cfg, train, setup_engine = _big_engine(workdir, opts.seq)
@@ -391,14 +390,8 @@ def _check_optimizer_overhead(opts: Options, workdir: Path) -> dict:
     handle = install(masked.model, masked.optimizer, LongActConfig())
 
     def fwd_bwd(engine, la, step):
-        for chunk in engine.model:
-            chunk.zero_grad_buffer()
-        engine.optimizer.zero_grad()
-        get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, la),
-            data_iterator=iter(micro_batches_for_step(step, engine, runtime.device)),
-            model=engine.model, num_microbatches=1, seq_length=opts.seq, micro_batch_size=1,
-            forward_only=False)
+        forward_backward(engine, partial(_forward_step, la),
+                         iter(micro_batches_for_step(step, engine, runtime.device)), 1, opts.seq, 1)
 
     times = {"plain": [], "longact": []}
     for step in range(opts.iters + 2):

@@ -109,6 +109,28 @@ def setup_engine(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel: Paral
     return Engine(chunks, optimizer, scheduler, tconfig, model_cfg, train_cfg, parallel)
 
 
+def forward_backward(engine: Engine, forward_step: Callable, micro_batches: Iterator,
+                     num_microbatches: int, seq_length: int, micro_batch_size: int) -> list:
+    """Zero the gradients, then forward/backward over the micro-batches through megatron's
+    schedule (with pipelining when PP > 1), which also reduces the gradients over DP. Returns
+    the schedule's per-micro-batch loss dicts (last stage only). The first half of
+    :func:`train_step`; the optimizer benchmarks time the step apart from it."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in engine.model:
+        chunk.zero_grad_buffer()
+    engine.optimizer.zero_grad()
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=micro_batches,
+        model=engine.model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+
+
 def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, num_microbatches: int,
                seq_length: int, micro_batch_size: int, *, skip_non_finite: bool = True) -> dict:
     """One optimizer step: forward/backward over the micro-batches through megatron's schedule
@@ -124,20 +146,8 @@ def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, 
     """
     from megatron_longact.training.resilience import step_is_finite
 
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    for chunk in engine.model:
-        chunk.zero_grad_buffer()
-    engine.optimizer.zero_grad()
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=micro_batches,
-        model=engine.model,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    losses = forward_backward(engine, forward_step, micro_batches, num_microbatches, seq_length,
+                              micro_batch_size)
     # The learning rate this update uses (the scheduler moves it on after the update; a caller
     # may have set it for this step, as the SFT warm start does with sft.lr).
     lr = engine.optimizer.param_groups[0]["lr"]

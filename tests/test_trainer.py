@@ -94,7 +94,13 @@ def _preempt_and_resume(runtime, tmp):
     stepped = Trainer(_config(tmp, f"{tmp}/stepped", **{"rl.kl_coef": 0.05}), runtime)
     step_hist = [stepped.train_step() for _ in range(stepped.total_steps)]
     step_params = {n: p.detach().clone() for n, p in stepped.engine.gpt_models[0].named_parameters()}
-    return full_hist, full_params, cut_hist, saved, rest_hist, params, (stepped.step, step_hist, step_params)
+    try:
+        stepped.train_step()
+        beyond = None
+    except RuntimeError as e:
+        beyond = str(e)
+    return (full_hist, full_params, cut_hist, saved, rest_hist, params,
+            (stepped.step, step_hist, step_params, beyond))
 
 
 def test_preemption_saves_and_resume_reproduces_the_run(tmp_path):
@@ -109,8 +115,9 @@ def test_preemption_saves_and_resume_reproduces_the_run(tmp_path):
     for name, p in full_params.items():
         assert torch.equal(p, params[name]), name
     # train_step in a loop is run() without its logging, checkpoints and evaluation.
-    step_count, step_hist, step_params = stepped
+    step_count, step_hist, step_params, beyond = stepped
     assert step_count == 4 and "sft/loss" in step_hist[0] and "longact/kept_fraction_q" in step_hist[2]
+    assert "all 4 steps of this run are done (sft.steps=2 + train.steps=2)" in beyond
     for key in ("sft/loss", "rl/reward", "rl/kl", "train/grad_norm"):
         assert [h.get(key) for h in step_hist] == [h.get(key) for h in full_hist], key
     for name, p in full_params.items():

@@ -683,6 +683,12 @@ class Trainer:
 
         For loops of one's own (benchmarks, notebooks, interleaving several trainers); ``run``
         adds resume, logging, checkpoints, stop requests and the final evaluation around it."""
+        if self.step >= self.total_steps:
+            # The learning-rate schedule, the data order and the checkpoints are laid out for
+            # exactly sft.steps + train.steps steps.
+            raise RuntimeError(f"train_step: all {self.total_steps} steps of this run are done "
+                               f"(sft.steps={self.sft_steps} + train.steps={self.rl_steps}); "
+                               "raise train.steps for more")
         if self.step < self.sft_steps:
             metrics = self.sft_step()
         else:

@@ -7,9 +7,11 @@ with ``longact.enabled=true`` and one with ``longact.enabled=false``. They alter
 rollout and update, and the ratio (target <= 1.02). Every response runs to ``rl.max_new_tokens``
 (``rl.ignore_eos``): once the two policies have drifted apart they sample different responses,
 and with EOS their lengths, and so the work of both phases, would differ (``--stop-at-eos``
-restores stopping at EOS).
+restores stopping at EOS). The default of 30 timed steps per side: with 12, two runs on a quiet
+machine read 1.057 and 1.059 where two with 30 read 1.006 and 0.997 (the difference being
+measured is a few percent, about what the medians of 12 steps move from one run to the next).
 
-Run: python benchmarks/step_overhead.py [--steps 12] [--stop-at-eos] [key=value ...]
+Run: python benchmarks/step_overhead.py [--steps 30] [--stop-at-eos] [key=value ...]
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def main() -> int:
     from benchmarks.alternate import StolenTime, alternate_rl_steps
 
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--config", default=str(ROOT / "configs/demo_cpu.yaml"))
     p.add_argument("--stop-at-eos", action="store_true", help="responses end at EOS")
     p.add_argument("overrides", nargs="*")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 
 
-def alternate_rl_steps(trainers: dict, steps: int) -> dict[str, list[tuple[float, float]]]:
+def alternate_rl_steps(trainers: dict, steps: int) -> dict[str, list[tuple[float, float, float]]]:
     """Run ``steps`` RL steps of each trainer (built with no SFT phase) with ``Trainer.train_step``,
     the order reversed every step. Returns, per trainer and step, (rollout seconds, the rest of the
-    step in seconds), the rest including the weight push to the rollout engine."""
+    step in seconds, of which the weight push to the rollout engine after the update)."""
     for name, trainer in trainers.items():
         if trainer.step < trainer.sft_steps:
             raise ValueError(f"alternate_rl_steps: trainer {name!r} has SFT steps to run first "
@@ -25,11 +25,16 @@ def alternate_rl_steps(trainers: dict, steps: int) -> dict[str, list[tuple[float
         if step % 2:
             order.reverse()
         for name, trainer in order:
+            syncs = trainer.rollout.syncs if trainer.rollout is not None else 0
             t0 = time.perf_counter()
             metrics = trainer.train_step()
             total = time.perf_counter() - t0
             rollout = metrics["perf/rollout_seconds"]
-            out[name].append((rollout, total - rollout))
+            engine = trainer.rollout
+            # The step's last push is the one after its update (the native engine has none to make).
+            pushed = engine is not None and engine.syncs > syncs
+            push = getattr(engine, "last_sync_seconds", 0.0) if pushed else 0.0
+            out[name].append((rollout, total - rollout, push))
     return out
 
 

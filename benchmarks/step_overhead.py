@@ -51,7 +51,7 @@ def main() -> int:
     with StolenTime() as stolen:
         split = {name: s[2:] for name, s in alternate_rl_steps(trainers, args.steps + 2).items()}  # warm-up
     print(f"RL step on {args.config} (tiny model, 1 process), median of {args.steps} steps:")
-    total = {name: statistics.median(r + u for r, u in split[name]) for name in trainers}
+    total = {name: statistics.median(s[0] + s[1] for s in split[name]) for name in trainers}
     for name in trainers:
         r = statistics.median(s[0] for s in split[name])
         u = statistics.median(s[1] for s in split[name])

@@ -17,7 +17,9 @@ timed steps).
 
 Prints, per side, the median seconds per step over all timed steps of all runs, split into rollout
 (generation and reward) and update (everything else in the step: old/ref log-probs if any, forward,
-backward, optimizer step), the ratio ours/TRL, and ours with LongAct on vs off.
+backward, optimizer step, and with our vLLM engine the push of the new weights to it, also shown
+on its own; TRL generates with transformers here and pushes nothing), the ratio ours/TRL, and ours
+with LongAct on vs off.
 
 TRL is not a dependency of the package: ``pip install -e ".[bench]"`` (with torch pinned as for the
 tests) installs it. Differences that remain: TRL samples over the model's whole output vocabulary
@@ -117,7 +119,7 @@ def prepare(work: Path, engine: str) -> None:
 
 
 def worker_ours(work: Path, steps: int, sides: list[str], engine: str,
-                fixed_length: bool) -> dict[str, list[tuple[float, float]]]:
+                fixed_length: bool) -> dict[str, list[tuple[float, float, float]]]:
     """Our trainers for ``sides`` (``ours``: LongAct on, ``ours_off``: off) in this process,
     alternating steps (benchmarks/alternate.py)."""
     from megatron_longact.runtime import destroy, initialize
@@ -133,7 +135,7 @@ def worker_ours(work: Path, steps: int, sides: list[str], engine: str,
     return times
 
 
-def worker_trl(work: Path, steps: int, engine: str, fixed_length: bool) -> list[tuple[float, float]]:
+def worker_trl(work: Path, steps: int, engine: str, fixed_length: bool) -> list[tuple[float, float, float]]:
     import datasets
     import torch
     import transformers
@@ -196,7 +198,7 @@ def worker_trl(work: Path, steps: int, engine: str, fixed_length: bool) -> list[
     if len(rollout) != len(step_times):
         raise SystemExit(f"vs_trl: {len(rollout)} rollouts for {len(step_times)} TRL steps; "
                          "expected one rollout per optimizer step")
-    return [(r, s - r) for r, s in zip(rollout, step_times)]
+    return [(r, s - r, 0.0) for r, s in zip(rollout, step_times)]  # TRL here pushes no weights
 
 
 def main() -> int:
@@ -256,8 +258,7 @@ def main() -> int:
                     results[k] += v
 
     def med(side, i=None):
-        vals = [r + u if i is None else (r, u)[i] for r, u in results[side]]
-        return statistics.median(vals)
+        return statistics.median(s[0] + s[1] if i is None else s[i] for s in results[side])
 
     import torch
 
@@ -265,10 +266,11 @@ def main() -> int:
           f"our rollouts from the {args.engine} engine), {args.runs} alternated runs x {args.steps} "
           f"timed steps per side, responses "
           f"{'ending at EOS' if args.stop_at_eos else 'all of the completion length'}, medians:")
-    print(f"  {'side':22s} {'step s':>8s} {'rollout s':>10s} {'update s':>9s}")
+    print(f"  {'side':22s} {'step s':>8s} {'rollout s':>10s} {'update s':>9s} {'of which weight push s':>23s}")
     names = {"ours": "ours, LongAct on", "ours_off": "ours, LongAct off", "trl": "TRL GRPOTrainer"}
     for side in ("ours", "ours_off", "trl"):
-        print(f"  {names[side]:22s} {med(side):8.3f} {med(side, 0):10.3f} {med(side, 1):9.3f}")
+        print(f"  {names[side]:22s} {med(side):8.3f} {med(side, 0):10.3f} {med(side, 1):9.3f} "
+              f"{med(side, 2):23.3f}")
     target = "1.3 with the native engine" if args.engine == "megatron" else "1.0 with the vLLM engine"
     print(f"  ours (LongAct on) / TRL   {med('ours') / med('trl'):6.3f}   (target <= {target})")
     print(f"    rollout {med('ours', 0) / med('trl', 0):6.3f}, update {med('ours', 1) / med('trl', 1):6.3f}")

@@ -133,14 +133,7 @@ class LongAct:
         the last step's per-layer metrics (top and median statistic, token counts) and this
         rank's statistics accumulators. The full statistics of ``last_stats`` are not counted:
         the trainer keeps them only for heatmap steps."""
-        tensors = [t for t in self.state.state_dict().values() if torch.is_tensor(t)]
-        if self._last_extremes is not None:
-            tensors += [t for pair in self._last_extremes.values() for t in pair]
-        if self.last_tokens_L is not None:
-            tensors.append(self.last_tokens_L)
-        if self.collector is not None:
-            tensors += self.collector.accumulators()
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return _kept_bytes(self.state, self._last_extremes, self.last_tokens_L, self.collector)
 
     def remove(self) -> None:
         if self.collector is not None:
@@ -164,7 +157,18 @@ def persistent_state_bytes(cfg: LongActConfig, geometry: QKGeometry, local_layer
         state.update(stats, step)
     collector = StatsCollector([], geometry, stat=cfg.stat, point=cfg.point)
     collector.set_layer_slots(list(range(local_layers)))
+    return _kept_bytes(state, stat_extremes(stats), stats.tokens_L, collector)
+
+
+def _kept_bytes(state: MaskState, extremes: dict | None, tokens_L: torch.Tensor | None,
+                collector: StatsCollector | None) -> int:
+    """Bytes of what a controller keeps between steps (one count for the live controller and for
+    the planner's estimate)."""
     tensors = [t for t in state.state_dict().values() if torch.is_tensor(t)]
-    tensors += [t for pair in stat_extremes(stats).values() for t in pair] + [stats.tokens_L]
-    tensors += collector.accumulators()
+    if extremes is not None:
+        tensors += [t for pair in extremes.values() for t in pair]
+    if tokens_L is not None:
+        tensors.append(tokens_L)
+    if collector is not None:
+        tensors += collector.accumulators()
     return sum(t.numel() * t.element_size() for t in tensors)

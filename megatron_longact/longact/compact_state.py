@@ -110,6 +110,8 @@ class CompactRows:
         self.buffers: dict[str, torch.Tensor] = {}  # param and grad gathers, [capacity, width]
         self.newer = False
         self.synced: SyncedState | None = None  # the state dict this cache shadows
+        # full_views(synced), valid while nobody else has touched it (drop() forgets it)
+        self.synced_mid: dict[str, torch.Tensor] | None = None
 
     def mid_view(self, flat: torch.Tensor) -> torch.Tensor:
         off, rows = self.mid
@@ -143,6 +145,7 @@ class CompactRows:
         self.buffers.clear()
         self.scalars = {}
         self.newer = False
+        self.synced_mid = None
 
     def flush(self, full: dict) -> None:
         """Write the compact rows and the scalars into the full state ``full``."""

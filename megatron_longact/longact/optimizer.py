@@ -88,8 +88,8 @@ class _KeepPlan:
     of the flat shard that are stepped in place (``runs``: long runs of kept whole rows, and kept
     partial edge rows), and the remaining kept whole rows, gathered into one compact
     [rows, width] tensor (``gather_rows``, row indices of the shard's whole-row region). It also
-    records which of the shard's pieces are frozen (``frozen_head``; ``frozen_mid``, 1.0 for each
-    frozen whole row; ``frozen_tail``), for :meth:`squared_norms`.
+    records which of the shard's pieces (partial head row, whole rows, partial tail row) are frozen
+    (``frozen_weights``), for the logged norm (:meth:`row_norms`).
     """
 
     def __init__(self, start: int, n: int, width: int, keep_rows: torch.Tensor, device,
@@ -117,16 +117,18 @@ class _KeepPlan:
             gather_rows = np.flatnonzero(kept)[~in_long_run]
             if last_full * width < end and keep[last_full]:
                 runs.append((last_full * width - start, n))
-            self.frozen_head = bool(start < first_full * width and not keep[first_full - 1])
-            self.frozen_mid = torch.from_numpy((~kept).astype(np.float32)).to(device)
-            self.frozen_tail = bool(last_full * width < end and not keep[last_full])
+            self.has_head = start < first_full * width
+            self.has_tail = last_full * width < end
+            frozen = np.concatenate([~keep[first_full - 1:first_full][:int(self.has_head)], ~kept,
+                                     ~keep[last_full:last_full + 1][:int(self.has_tail)]])
         else:  # the shard lies inside one row: no whole rows, all of it is the tail piece
             self.mid = (0, 0)
             if keep[start // width]:
                 runs.append((0, n))
-            self.frozen_head = False
-            self.frozen_mid = torch.zeros(0, dtype=torch.float32, device=device)
-            self.frozen_tail = not bool(keep[start // width])
+            self.has_head, self.has_tail = False, True
+            frozen = ~keep[start // width:start // width + 1]
+        # 1.0 for each frozen piece, in the order of row_norms
+        self.frozen_weights = torch.from_numpy(frozen.astype(np.float64)).to(device)
         self.runs = runs
         self.gather_rows = gather_rows.astype(np.int64)  # host indices; CompactRows moves them
 
@@ -138,26 +140,33 @@ class _KeepPlan:
         """The in-place runs, as views of ``flat``."""
         return [flat[a:b] for a, b in self.runs]
 
-    def squared_norms(self, flat: torch.Tensor) -> torch.Tensor:
-        """[total, frozen part] of the squared 2-norm of ``flat`` (fp32), in one read: per-row
-        norms of the whole rows plus the at most two partial edge rows.
+    def row_norms(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The 2-norms of the shard's pieces in one read of ``flat``, in the order of
+        :attr:`frozen_weights`: the partial head row, each whole row, the partial tail row.
 
         ``flat`` stays in its own dtype: each row's norm is accumulated in fp32 by the reduction
         and rounded to that dtype (for bf16 gradients, 2^-8 relative per row; the sums, and the
         logged fraction, are good to about 1e-4). Casting the whole gradient to fp32 first would
         read it once more and write a copy twice its size, for a logged metric."""
         off, rows = self.mid
-        row_sq = torch.linalg.vector_norm(self._mid(flat), dim=1).float().square()
-        total, frozen = row_sq.sum(), torch.dot(row_sq, self.frozen_mid)  # no sync on a mask
-        for piece, is_frozen in ((flat[:off], self.frozen_head),
-                                 (flat[off + rows * self.width:], self.frozen_tail)):
-            if piece.numel():
-                piece = piece.float()  # at most two partial rows
-                sq = torch.dot(piece, piece)
-                total = total + sq
-                if is_frozen:
-                    frozen = frozen + sq
-        return torch.stack([total, frozen])
+        norms = [torch.linalg.vector_norm(self._mid(flat), dim=1)]
+        if self.has_head:  # at most two partial rows, in fp32
+            norms.insert(0, torch.linalg.vector_norm(flat[:off].float()).reshape(1))
+        if self.has_tail:
+            norms.append(torch.linalg.vector_norm(flat[off + rows * self.width:].float()).reshape(1))
+        return norms
+
+    def squared_norms(self, flat: torch.Tensor) -> torch.Tensor:
+        """[total, frozen part] of the squared 2-norm of ``flat`` (fp64)."""
+        return squared_norm_sums(self.row_norms(flat), [self.frozen_weights])
+
+
+def squared_norm_sums(norms: list[torch.Tensor], frozen_weights: list[torch.Tensor]) -> torch.Tensor:
+    """[total, frozen part] (fp64) of the squares of ``norms`` (the pieces' norms of one or more
+    shards, :meth:`_KeepPlan.row_norms`) weighted by the concatenated ``frozen_weights``: a
+    handful of operations for all shards together, and no host sync on the mask."""
+    sq = torch.cat(norms).double().square()
+    return torch.stack([sq.sum(), torch.dot(sq, torch.cat(frozen_weights))])
 
 
 class _Target:
@@ -298,7 +307,7 @@ class LongActHandle:
     def _zero_frozen_grads(self, rows) -> torch.Tensor:
         """Zero frozen rows of the model gradients; return [total, removed] squared linear_qkv
         gradient norms over the gradient values the optimizers own, reduced like the grad norm."""
-        sums = None
+        norms, weights = [], []
         groups = {}
         for t in self._targets:
             p = t.ref.model_param
@@ -308,14 +317,16 @@ class LongActHandle:
             if grad is None:
                 continue
             owned = grad.view(-1)[t.ref.flat_start:t.ref.flat_start + t.ref.main_param.numel()]
-            pair = t.plan.squared_norms(owned).double()
+            norms += t.plan.row_norms(owned)  # before the zeroing below
+            weights.append(t.plan.frozen_weights)
             grad.index_fill_(0, t.frozen_rows, 0)
             if p.grad is not None and p.grad is not grad:
                 p.grad.index_fill_(0, t.frozen_rows, 0)
-            sums = pair if sums is None else sums + pair
             group = t.ref.megatron_optimizer.get_grad_stats_parallel_group()
             groups[id(group)] = group
-        if sums is None:  # this DP rank owns no part of any linear_qkv weight
+        if norms:
+            sums = squared_norm_sums(norms, weights)
+        else:  # this DP rank owns no part of any linear_qkv weight
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
             sums = torch.zeros(2, dtype=torch.float64, device=device)
         for group in groups.values():  # one group in practice; the norm's own reduction group
@@ -349,7 +360,8 @@ class LongActHandle:
             if full is None or full is not c.synced:
                 c.drop()  # first step, or the state was replaced (a load): the full state is the truth
             full = {} if full is None else full
-            full_mid = c.full_views(full)
+            # The cached views are valid until someone else touches the state (which drops them).
+            full_mid = c.synced_mid if c.synced_mid is not None else c.full_views(full)
             c.retarget(plan.gather_rows, full_mid)
             main_flat, grad_flat = main.data.view(-1), main.grad.view(-1)
             pieces = [torch.index_select(c.mid_view(main_flat), 0, c.rows_dev,
@@ -396,8 +408,8 @@ class LongActHandle:
             states = [torch_opt.state.pop(p, {}) for p in pieces]
             for p in pieces:
                 p.grad = None
-            moment_keys = [k for k, v in states[0].items()
-                           if torch.is_tensor(v) and v.shape == pieces[0].shape]
+            moment_keys = list(c.moments) or [k for k, v in states[0].items()
+                                              if torch.is_tensor(v) and v.shape == pieces[0].shape]
             synced = torch_opt.state.get(main)
             if not (had_state and synced is c.synced):
                 # One SyncedState per main shard, made here once: on the first step, or when the
@@ -415,6 +427,7 @@ class LongActHandle:
                         if k not in moment_keys:
                             full[k] = v.clone() if torch.is_tensor(v) else v
                 synced = c.synced = torch_opt.state[main] = SyncedState(full, None)
+                c.synced_mid = c.full_views(synced)
             c.scalars = {k: v for k, v in states[0].items() if k not in moment_keys}
             c.newer = True
             synced.on_touch = partial(self._flush_compact, c)  # armed again after each step

@@ -191,12 +191,23 @@ def _instrument(trainer, log: list) -> None:
 
 
 def _train_vllm(runtime, tmp, over):
+    from megatron_longact import generation
     from megatron_longact.training.trainer import Trainer
 
     trainer = Trainer(_config(tmp, f"{tmp}/out", **over), runtime)
     log: list = []
     _instrument(trainer, log)
-    history = trainer.run()
+    teacher_forced = generation.sequence_log_probs
+
+    def counted(*args, **kwargs):  # the old-log-prob forwards of the RL steps
+        log.append(("old_lp_forward", trainer.step))
+        return teacher_forced(*args, **kwargs)
+
+    generation.sequence_log_probs = counted
+    try:
+        history = trainer.run()
+    finally:
+        generation.sequence_log_probs = teacher_forced
     return history, log
 
 
@@ -226,6 +237,11 @@ def test_trainer_with_vllm_engine(tmp_path, layout):
             assert "rollout/is_weight_mean" not in h
         else:  # engine and trainer agree to ~1e-6, so the truncated weights are ~1, none clipped
             assert abs(h["rollout/is_weight_mean"] - 1.0) < 1e-3 and h["rollout/is_clipped_fraction"] == 0
+    # On-policy updates: the old log-probs are recomputed only where the IS correction needs them
+    # before the update; otherwise the mismatch above was measured on the update pass itself.
+    forwards = [x for x in log if x[0] == "old_lp_forward"]
+    assert forwards == ([] if layout else [("old_lp_forward", s) for s in range(steps)])
+    log = [x for x in log if x[0] != "old_lp_forward"]
     # Parity when built (RL step 0) and before every later step (after each sync; with
     # sync_interval 2 the engine is one step behind at step 1) ...
     assert [x for x in log if x[0] != "stale"] == \

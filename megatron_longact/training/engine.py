@@ -165,21 +165,34 @@ def train_step(engine: Engine, forward_step: Callable, micro_batches: Iterator, 
     }
 
 
-def reduce_last_stage_mean(values: list[float]) -> float:
-    """Mean of a per-micro-batch scalar over micro-batches and data-parallel ranks, computed on
-    the last pipeline stage and broadcast to every rank of the pipeline."""
+def _last_stage_reduce(local: list[float], op: str) -> list[float]:
+    """``local`` (computed on the last pipeline stage) reduced with ``op`` over its data-parallel
+    ranks, then broadcast to every rank of the pipeline."""
     from megatron.core import parallel_state as ps
 
     from megatron_longact.runtime import collectives
 
-    total = [0.0, 0.0]
+    total = [0.0] * len(local)
     if ps.is_pipeline_last_stage():
-        total = collectives.all_reduce_values([float(sum(values)), float(len(values))],
-                                              ps.get_data_parallel_group())
+        total = collectives.all_reduce_values(local, ps.get_data_parallel_group(), op=op)
     pp = ps.get_pipeline_model_parallel_world_size()
     if pp > 1:
         group = ps.get_pipeline_model_parallel_group()
         t = torch.tensor(total, dtype=torch.float64, device=collectives.comm_device(group))
         total = collectives.broadcast(t, pp - 1, group).tolist()
+    return total
+
+
+def reduce_last_stage_mean(values: list[float]) -> float:
+    """Mean of a per-micro-batch scalar over micro-batches and data-parallel ranks, computed on
+    the last pipeline stage and broadcast to every rank of the pipeline."""
+    total = _last_stage_reduce([float(sum(values)), float(len(values))], "sum")
     return float(total[0] / total[1])
+
+
+def reduce_last_stage(values: list[float], op: str) -> float:
+    """Sum (``op="sum"``) or maximum (``"max"``, 0 for none) of a per-micro-batch scalar over
+    micro-batches and data-parallel ranks, as :func:`reduce_last_stage_mean` computes the mean."""
+    local = float(sum(values)) if op == "sum" else max(map(float, values), default=0.0)
+    return float(_last_stage_reduce([local], op)[0])
 

@@ -7,8 +7,10 @@ One optimizer step of RL (GRPO/DAPO family), every phase through megatron-core:
    LongAct statistics paused;
 2. rewards from the task records (``rl.reward``), DAPO shaping (dynamic sampling, overlong
    filtering and soft punishment) when configured, group advantages;
-3. old log-probs recomputed teacher-forced (so the first ratio is exactly 1; always with a vLLM
-   engine, whose own log-probs only feed the mismatch metric and the IS correction);
+3. old log-probs recomputed teacher-forced (so the first ratio is exactly 1) when the update is
+   not on-policy (several epochs or mini-batches) or the IS correction needs them; on-policy, the
+   update pass's own detached log-probs are pi_old, and with a vLLM engine the training-inference
+   mismatch metric is measured on that pass;
 4. ``rl.ppo_epochs`` x ``rl.mini_batches`` optimizer steps of the policy loss through megatron's
    forward-backward schedule, DDP and DistributedOptimizer, with LongAct statistics collected on
    these update passes and its masks applied inside the optimizer.
@@ -480,7 +482,7 @@ class Trainer:
         from megatron_longact.rl.batch_stats import global_batch_counts
         from megatron_longact.rl.dapo import overlong_filter
         from megatron_longact.rl.on_policy import needs_old_log_prob_forward
-        from megatron_longact.training.engine import train_step
+        from megatron_longact.training.engine import reduce_last_stage, train_step
 
         cfg, rl = self.cfg, self.cfg.rl
         t0 = time.monotonic()
@@ -514,8 +516,10 @@ class Trainer:
         # old ones and no forward runs here (rl/on_policy.py); micro-batches then carry no old_lp.
         old_lp = None
         # An external engine's log-probs come from other numerics: the ratio's pi_old is always
-        # megatron's own forward, which the mismatch metric and the IS correction also need.
+        # megatron's own forward. The IS correction needs it before the update (it reweights the
+        # advantages); the mismatch metric alone is measured on the update pass when on-policy.
         external = self.rollout is not None and self.rollout.external
+        tis = external and cfg.rollout.is_correction == "tis"
 
         def teacher_forced_log_probs(model) -> torch.Tensor:
             return _full_width(sequence_log_probs(
@@ -523,15 +527,18 @@ class Trainer:
                 temperature=rl.temperature, micro_batch_size=cfg.train.micro_batch_size, groups=groups,
                 cp_group=_cp_group(self.cp)).cpu())
 
-        if external or needs_old_log_prob_forward(rl.ppo_epochs, rl.mini_batches, rl.old_log_probs):
+        if tis or needs_old_log_prob_forward(rl.ppo_epochs, rl.mini_batches, rl.old_log_probs):
             old_lp = teacher_forced_log_probs(self.engine.model[0])
         # Reference log-probs for the KL term (rl.kl_coef > 0); zeros stand in otherwise.
         ref_lp = torch.zeros(n, S)
         if self.ref_model is not None:
             ref_lp = teacher_forced_log_probs(self.ref_model)
-        rollout_metrics = {}
+        rollout_metrics, engine_lp = {}, None
         if external:
-            adv, rollout_metrics = self._mismatch(batch, gen, old_lp, resp_mask, adv, S)
+            engine_lp = self._engine_log_probs(batch, gen, S)
+            if old_lp is not None:
+                adv, rollout_metrics = self._mismatch(engine_lp, old_lp, resp_mask, adv)
+                engine_lp = None  # measured; the update pass need not carry it
 
         loss_cfg = {k: getattr(rl, k) for k in ("clip_ratio", "clip_low", "clip_high", "clip_ratio_c",
                                                 "loss_agg_mode", "loss_scale_factor")
@@ -554,7 +561,8 @@ class Trainer:
                     sl = slice(j, min(j + mb, rows.stop))
                     mbs.append(self._cp_part({k: v[sl] for k, v in dict(
                         tokens=tokens, labels=labels, valid=valid, resp_BS=resp_BS, resp_mask=resp_mask,
-                        old_lp=old_lp, ref_lp=ref_lp, adv=adv).items() if v is not None}))
+                        old_lp=old_lp, ref_lp=ref_lp, adv=adv, engine_lp=engine_lp).items()
+                        if v is not None}))
                 fwd = partial(_rl_forward_step, self.handle, rl.algorithm, loss_cfg,
                               counts.loss_kwargs(), scale, self.tokenizer.vocab_size, rl.temperature,
                               (rl.kl_coef, rl.kl_estimator) if self.ref_model is not None else None,
@@ -568,6 +576,11 @@ class Trainer:
                     for k, v in d.items():
                         metrics_acc.setdefault(k, []).append(float(v))
         t_update = time.monotonic() - t1
+        if engine_lp is not None:  # the mismatch, as the first (only) update pass measured it
+            parts = [metrics_acc.pop(k, []) for k in _MISMATCH_KEYS]
+            rollout_metrics = self._mismatch_metrics(reduce_last_stage(parts[0], "sum"),
+                                                     reduce_last_stage(parts[1], "sum"),
+                                                     reduce_last_stage(parts[2], "max"))
         metrics = _reduce_metrics(metrics_acc)
         scores, rewards = batch["scores"], batch["rewards"]
         # Policy entropy, Monte-Carlo estimate: mean -log p (at the sampling temperature) of the
@@ -599,18 +612,28 @@ class Trainer:
         metrics.update(rollout_metrics)
         return metrics
 
-    def _mismatch(self, batch, gen, old_lp, resp_mask, adv, width) -> tuple[torch.Tensor, dict]:
-        """Training-inference mismatch of this step (logged) and, with rollout.is_correction
-        tis, the importance-weighted advantages (megatron_longact.rollout.mismatch)."""
+    @staticmethod
+    def _engine_log_probs(batch, gen, width) -> torch.Tensor:
+        """The engine's log-probs of the sampled tokens in prediction space at the full width,
+        like old_lp and resp_mask (the CP split cuts them)."""
         from megatron_longact.rollout import mismatch
 
-        # In prediction space at the full width, like old_lp and resp_mask (the CP split cuts them).
-        engine_lp = _full_width(mismatch.engine_log_probs_BT(gen, [len(p) for p in batch["prompts"]], width))
+        return _full_width(mismatch.engine_log_probs_BT(gen, [len(p) for p in batch["prompts"]], width))
+
+    def _mismatch_metrics(self, total: float, count: float, top: float) -> dict:
+        return {"rollout/mismatch_mean": total / max(count, 1.0), "rollout/mismatch_max": top,
+                "perf/weight_sync_seconds": getattr(self.rollout, "last_sync_seconds", 0.0)}
+
+    def _mismatch(self, engine_lp, old_lp, resp_mask, adv) -> tuple[torch.Tensor, dict]:
+        """Training-inference mismatch of this step against the recomputed old log-probs (logged)
+        and, with rollout.is_correction tis, the importance-weighted advantages
+        (megatron_longact.rollout.mismatch)."""
+        from megatron_longact.rollout import mismatch
+
         total, count, top = mismatch.mismatch_stats(engine_lp, old_lp, resp_mask)
         s, c = collectives.all_reduce_values([total, count], _dp_group())
         top = collectives.all_reduce_values([top], _dp_group(), op="max")[0]
-        out = {"rollout/mismatch_mean": s / max(c, 1.0), "rollout/mismatch_max": top,
-               "perf/weight_sync_seconds": getattr(self.rollout, "last_sync_seconds", 0.0)}
+        out = self._mismatch_metrics(s, c, top)
         ro = self.cfg.rollout
         if ro.is_correction == "tis":
             w = mismatch.tis_weights(old_lp, engine_lp, resp_mask, ro.is_cap)
@@ -827,9 +850,12 @@ def _full_width(lp_BS1: torch.Tensor) -> torch.Tensor:
 # How CP ranks combine per-micro-batch metrics of their parts into the whole rows' value: shares of
 # a sum add up, extremes take the extreme, everything else is a token mean weighted by the rank's
 # tokens. num_seqs is recounted on whole rows by the caller.
-_CP_SUM = ("pg_loss", "sft_loss", "num_tokens")
+# Sum, token count and largest |engine - megatron| log-prob difference of the response tokens,
+# measured on the update pass when no old log-probs were recomputed (rollout.mismatch_stats).
+_MISMATCH_KEYS = ("mismatch_sum", "mismatch_count", "mismatch_max")
+_CP_SUM = ("pg_loss", "sft_loss", "num_tokens", "mismatch_sum", "mismatch_count")
 _CP_MIN = ("ratio_min",)
-_CP_MAX = ("ratio_max",)
+_CP_MAX = ("ratio_max", "mismatch_max")
 
 
 def _cp_reduce_metrics(metrics: dict, cp_group, num_tokens=None) -> dict:
@@ -869,7 +895,7 @@ def _sft_forward_step(scale, cp_group, data_iterator, model):
 
 
 # Micro-batch entries in prediction space that only the RL loss reads (cut to the output window).
-_LOSS_COLUMNS = ("labels", "resp_mask", "old_lp", "ref_lp", "adv")
+_LOSS_COLUMNS = ("labels", "resp_mask", "old_lp", "ref_lp", "adv", "engine_lp")
 
 
 def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, temperature, kl, cp_group,
@@ -923,6 +949,11 @@ def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, tem
                                           cp_group=cp_group, **counts)
             loss = loss + coef * kl_term
             metrics = {**metrics, **kl_metrics}
+        if "engine_lp" in mb:  # the training-inference mismatch against this very forward
+            diff = (mb["engine_lp"].float() - logp.detach().float()).abs() * (mb["resp_mask"] > 0)
+            metrics = {**metrics, **dict(zip(_MISMATCH_KEYS, (
+                diff.sum(), (mb["resp_mask"] > 0).sum().float(),
+                diff.amax() if diff.numel() else diff.new_zeros(()))))}
         out = {k: v.detach().float().clone() for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         if cp_group is not None:
             out = _cp_reduce_metrics(out, cp_group, num_tokens=out.get("num_tokens"))

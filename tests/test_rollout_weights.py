@@ -23,9 +23,17 @@ def _gather(runtime, dtype):
     groups = EngineGroups.from_parallel_state()
     groups.check()
     items = gather_hf_weights([model], cfg, groups)
+    # Gathering again into the host's tensors (as the vLLM engine's shared-memory pushes do)
+    # writes every HF tensor in place and returns those very tensors.
+    into = None if items is None else {n: torch.zeros_like(t) for n, t in items}
+    again = gather_hf_weights([model], cfg, groups, into=into)
     if items is None:
+        assert again is None
         return runtime.rank, None
     assert all(t.device.type == "cpu" for _, t in items)
+    assert [n for n, _ in again] == [n for n, _ in items]
+    for (name, a), (_, b) in zip(items, again):
+        assert b is into[name] and torch.equal(a, b), name
     return runtime.rank, [(n, t.clone()) for n, t in items]
 
 

@@ -58,7 +58,8 @@ class EngineGroups:
 
 
 @torch.no_grad()
-def gather_hf_weights(model, model_cfg, groups: EngineGroups) -> list[tuple[str, torch.Tensor]] | None:
+def gather_hf_weights(model, model_cfg, groups: EngineGroups, *,
+                      into: dict[str, torch.Tensor] | None = None) -> list[tuple[str, torch.Tensor]] | None:
     """HF ``(name, tensor)`` pairs of the whole model, in host memory, on the host of each
     replica; None on the other ranks. Every rank of the replica calls this.
 
@@ -71,7 +72,9 @@ def gather_hf_weights(model, model_cfg, groups: EngineGroups) -> list[tuple[str,
 
     Tensors keep the model's parameter dtype (bf16 models give bf16 weights; the optimizer's fp32
     main weights are not what the policy computes with). They are copies: the caller may keep them
-    while the model trains."""
+    while the model trains. ``into`` (host only): host tensors by HF name, e.g. those of the
+    previous call; each HF tensor whose shape and dtype match is written into it and returned as
+    that very tensor, instead of a new copy, so the host never holds the model twice."""
     from megatron_longact.convert import hf as hfmap
     from megatron_longact.models.builder import unwrap
     from megatron_longact.models.sharding import global_name, layer_offset, tp_info, unshard
@@ -89,10 +92,10 @@ def gather_hf_weights(model, model_cfg, groups: EngineGroups) -> list[tuple[str,
             if is_tp and tp_size > 1 else param.detach()
         if column:
             for hf_name, t in hfmap.hf_tensors_from_global(name, full, model_cfg).items():
-                stage.append((hf_name, t.to("cpu", copy=True).contiguous()))
+                stage.append((hf_name, _host_copy(hf_name, t, into)))
     if not column:
         return None
-    items = _stream_to_first_stage(stage, groups.pp)
+    items = _stream_to_first_stage(stage, groups.pp, into)
     if not groups.is_host:
         return None
     order = {n: i for i, n in enumerate(hfmap.hf_names(model_cfg))}
@@ -103,7 +106,16 @@ def gather_hf_weights(model, model_cfg, groups: EngineGroups) -> list[tuple[str,
     return sorted(items, key=lambda kv: order[kv[0]])
 
 
-def _stream_to_first_stage(stage: list[tuple[str, torch.Tensor]], pp_group
+def _host_copy(name: str, t: torch.Tensor, into: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """``t`` copied to host memory: into ``into[name]`` when it matches, else a new tensor."""
+    dst = into.get(name) if into else None
+    if dst is not None and dst.shape == t.shape and dst.dtype == t.dtype:
+        return dst.copy_(t)
+    return t.to("cpu", copy=True).contiguous()
+
+
+def _stream_to_first_stage(stage: list[tuple[str, torch.Tensor]], pp_group,
+                           into: dict[str, torch.Tensor] | None = None
                            ) -> list[tuple[str, torch.Tensor]]:
     """Every stage's host-memory ``(name, tensor)`` pairs on pipeline rank 0 (this rank's own
     list elsewhere). Names, shapes and dtypes travel as one small object; each tensor then goes
@@ -121,5 +133,5 @@ def _stream_to_first_stage(stage: list[tuple[str, torch.Tensor]], pp_group
             buf = stage[i][1].to(device) if me == src else torch.empty(shape, dtype=dtype, device=device)
             buf = collectives.broadcast(buf, src, pp_group)
             if me == 0:
-                out.append((name, buf.to("cpu", copy=True)))
+                out.append((name, _host_copy(name, buf, into)))
     return out

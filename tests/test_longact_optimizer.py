@@ -266,7 +266,7 @@ def test_keep_plan_covers_exactly_the_kept_entries(start, n, min_run):
     """Kept entries split into in-place runs (long runs of kept rows, kept partial edge rows) and
     gathered rows; together they cover every kept element once and no frozen one (width 8, rows
     0..4, rows 1 and 4 frozen: rows 2-3 form a run of 16 elements)."""
-    from megatron_longact.longact.optimizer import _KeepPlan
+    from megatron_longact.longact.optimizer import _KeepPlan, squared_norm_sums
 
     width, keep = 8, torch.tensor([True, False, True, True, False])
     kept_elems = keep.repeat_interleave(width)[start:start + n]
@@ -278,12 +278,12 @@ def test_keep_plan_covers_exactly_the_kept_entries(start, n, min_run):
     assert torch.equal(flat, kept_elems.float())
     # Squared norms in one read: the whole shard's, and its frozen entries' (the logged fraction).
     values = torch.randn(n, generator=torch.Generator().manual_seed(start * 100 + n))
-    total, frozen = plan.squared_norms(values).tolist()
+    total, frozen = squared_norm_sums(plan.row_norms(values), [plan.frozen_weights]).tolist()
     assert total == pytest.approx(float((values ** 2).sum()), rel=1e-6)
     assert frozen == pytest.approx(float((values[~kept_elems] ** 2).sum()), rel=1e-6, abs=1e-12)
     # bf16 gradients are read as they are (row norms rounded to bf16, 2^-7 on a square): vs fp64.
     values = values.bfloat16()
-    total, frozen = plan.squared_norms(values).tolist()
+    total, frozen = squared_norm_sums(plan.row_norms(values), [plan.frozen_weights]).tolist()
     exact = values.double() ** 2
     assert total == pytest.approx(float(exact.sum()), rel=2 ** -6)
     assert frozen == pytest.approx(float(exact[~kept_elems].sum()), rel=2 ** -6, abs=1e-12)

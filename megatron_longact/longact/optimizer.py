@@ -156,10 +156,6 @@ class _KeepPlan:
             norms.append(torch.linalg.vector_norm(flat[off + rows * self.width:].float()).reshape(1))
         return norms
 
-    def squared_norms(self, flat: torch.Tensor) -> torch.Tensor:
-        """[total, frozen part] of the squared 2-norm of ``flat`` (fp64)."""
-        return squared_norm_sums(self.row_norms(flat), [self.frozen_weights])
-
 
 def squared_norm_sums(norms: list[torch.Tensor], frozen_weights: list[torch.Tensor]) -> torch.Tensor:
     """[total, frozen part] (fp64) of the squares of ``norms`` (the pieces' norms of one or more

@@ -35,15 +35,22 @@ def engine_log_probs_BT(gen, prompt_lengths: list[int], width: int) -> torch.Ten
     return out
 
 
+def mismatch_sums(engine_lp_BT: torch.Tensor, megatron_lp_BT: torch.Tensor,
+                  mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum, count, max) of |engine - megatron| over the tokens where ``mask_BT`` is set (max 0
+    when none is), as 0-d fp32 tensors on ``engine_lp_BT``'s device: no host sync, so the loss
+    function can measure it on the update pass."""
+    m = mask_BT.bool().to(engine_lp_BT.device)
+    diff = (engine_lp_BT.float() - megatron_lp_BT.float().to(engine_lp_BT.device)).abs()
+    diff = torch.where(m, diff, torch.zeros_like(diff))
+    return diff.sum(), m.sum().float(), diff.amax() if diff.numel() else diff.new_zeros(())
+
+
 def mismatch_stats(engine_lp_BT: torch.Tensor, megatron_lp_BT: torch.Tensor,
                    mask_BT: torch.Tensor) -> tuple[float, float, float]:
-    """(sum, count, max) of |engine - megatron| over the tokens where ``mask_BT`` is set, for a
-    reduction over data-parallel ranks (mean = sum / count)."""
-    m = mask_BT.bool()
-    diff = (engine_lp_BT.float() - megatron_lp_BT.float().cpu()).abs()[m]
-    if diff.numel() == 0:
-        return 0.0, 0.0, 0.0
-    return float(diff.sum()), float(diff.numel()), float(diff.max())
+    """:func:`mismatch_sums` as Python floats, for a reduction over data-parallel ranks
+    (mean = sum / count)."""
+    return tuple(float(t) for t in mismatch_sums(engine_lp_BT, megatron_lp_BT, mask_BT))
 
 
 def tis_weights(megatron_lp_BT: torch.Tensor, engine_lp_BT: torch.Tensor, mask_BT: torch.Tensor,

@@ -851,7 +851,7 @@ def _full_width(lp_BS1: torch.Tensor) -> torch.Tensor:
 # a sum add up, extremes take the extreme, everything else is a token mean weighted by the rank's
 # tokens. num_seqs is recounted on whole rows by the caller.
 # Sum, token count and largest |engine - megatron| log-prob difference of the response tokens,
-# measured on the update pass when no old log-probs were recomputed (rollout.mismatch_stats).
+# measured on the update pass when no old log-probs were recomputed (rollout.mismatch_sums).
 _MISMATCH_KEYS = ("mismatch_sum", "mismatch_count", "mismatch_max")
 _CP_SUM = ("pg_loss", "sft_loss", "num_tokens", "mismatch_sum", "mismatch_count")
 _CP_MIN = ("ratio_min",)
@@ -910,6 +910,7 @@ def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, tem
     every other column has a zero response mask, so losses, metrics and gradients are unchanged."""
     from megatron_longact.generation import vocab_parallel_log_probs
     from megatron_longact.rl.kl import kl_loss
+    from megatron_longact.rollout.mismatch import mismatch_sums
     from megatron_longact.rl.losses import policy_loss, resolve_settings
 
     mb = next(data_iterator)
@@ -950,10 +951,8 @@ def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, tem
             loss = loss + coef * kl_term
             metrics = {**metrics, **kl_metrics}
         if "engine_lp" in mb:  # the training-inference mismatch against this very forward
-            diff = (mb["engine_lp"].float() - logp.detach().float()).abs() * (mb["resp_mask"] > 0)
-            metrics = {**metrics, **dict(zip(_MISMATCH_KEYS, (
-                diff.sum(), (mb["resp_mask"] > 0).sum().float(),
-                diff.amax() if diff.numel() else diff.new_zeros(()))))}
+            metrics = {**metrics, **dict(zip(_MISMATCH_KEYS, mismatch_sums(
+                mb["engine_lp"], logp.detach(), mb["resp_mask"])))}
         out = {k: v.detach().float().clone() for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         if cp_group is not None:
             out = _cp_reduce_metrics(out, cp_group, num_tokens=out.get("num_tokens"))

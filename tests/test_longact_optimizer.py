@@ -127,10 +127,11 @@ def test_frozen_rows_are_bit_identical(dtype, distributed, layout):
         real = results[0]["compact_bytes"]
         assert all(0 < out["compact_bytes"] <= bound for out in results)
     if tp == 1 and (not distributed or len(results) == pp):
-        # Whole weights (no DP sharding): per layer 19 q + 10 k + 32 V rows of 64 fp32 values, 16 B
-        # each (two moments, value and gradient buffers). A fixed mask never grows the set, so
-        # the moments carry none of the 1/8 slack the bound allows for.
-        assert real == 4 * 61 * 64 * 16
+        # Whole weights (no DP sharding): per layer 19 q + 10 k rows of 64 fp32 values, 16 B
+        # each (two moments, value and gradient buffers); torch's single-tensor AdamW steps the 32
+        # V rows in place as one strided view. A fixed mask never grows the set, so the moments
+        # carry none of the 1/8 slack the bound allows for.
+        assert real == 4 * 29 * 64 * 16
 
 
 def test_strategy_none_is_bit_identical_to_plain_megatron():
@@ -172,10 +173,12 @@ def test_gradient_mode_drifts_as_documented():
         torch.testing.assert_close(got, main0 * (1 - LR * WD) ** 3, rtol=1e-6, atol=0)
 
 
-def _run_counting(runtime, steps, min_run=None, warmup=1):
+def _run_counting(runtime, steps, min_run=None, warmup=1, contiguous=False):
     """Train with a mask recomputed every step after one full warm-up step (so frozen rows carry
     non-zero Adam moments from earlier steps); record, per step, how many elements the inner torch
-    optimizers were handed and which entries of the main shards and moments changed."""
+    optimizers were handed and which entries of the main shards and moments changed.
+    ``contiguous``: the inner AdamW runs its foreach (multi-tensor) path, as on a GPU, so LongAct
+    hands it contiguous pieces only (no strided view of the V rows)."""
     from functools import partial
 
     from megatron.core import parallel_state as ps
@@ -192,7 +195,13 @@ def _run_counting(runtime, steps, min_run=None, warmup=1):
     train = TrainConfig(steps=steps, seq_length=32, micro_batch_size=2, global_batch_size=4, lr=LR,
                         weight_decay=WD, use_distributed_optimizer=True, ddp_bucket_size=3000)
     engine = setup_engine(_tiny("bf16"), train, runtime.parallel)
+    if contiguous:
+        for opt in inner_optimizers(engine.optimizer):
+            for group in opt.optimizer.param_groups:
+                group["foreach"] = True
     handle = install(engine.model, engine.optimizer, LongActConfig(warmup_steps=warmup, keep_ratio=0.3))
+    strided = [t.strided_rows is not None for t in handle._targets]
+    assert all(strided) != contiguous and any(strided) != contiguous
     stepped = []
 
     def count(opt, args, kwargs):  # registered after LongAct's hook: sees what the step sees
@@ -241,13 +250,15 @@ def _run_counting(runtime, steps, min_run=None, warmup=1):
     return out
 
 
-@pytest.mark.parametrize("min_run,warmup", [(None, 1), (64, 1), (64, 0)])
-def test_optimizer_steps_only_the_kept_rows(min_run, warmup):
+@pytest.mark.parametrize("min_run,warmup,contiguous", [(None, 1, False), (64, 1, False), (64, 0, False),
+                                                       (None, 1, True)])
+def test_optimizer_steps_only_the_kept_rows(min_run, warmup, contiguous):
     """The inner torch optimizer is handed the kept rows only (frozen rows cost no optimizer work),
     and frozen rows that carry non-zero moments from earlier steps keep main values and moments to
     the bit while the mask changes every step; DP=2 with weights split mid-row. min_run=64 (one row
-    of the tiny model) steps every kept run in place; warmup=0 creates the Adam state under a mask."""
-    results = run_distributed(_run_counting, args=(3, min_run, warmup), dp=2)
+    of the tiny model) steps every kept run in place; warmup=0 creates the Adam state under a mask;
+    contiguous: a multi-tensor optimizer path, which gets no strided view."""
+    results = run_distributed(_run_counting, args=(3, min_run, warmup, contiguous), dp=2)
     for per_step in results:
         first = per_step[0]
         if warmup:
@@ -287,3 +298,48 @@ def test_keep_plan_covers_exactly_the_kept_entries(start, n, min_run):
     exact = values.double() ** 2
     assert total == pytest.approx(float(exact.sum()), rel=2 ** -6)
     assert frozen == pytest.approx(float(exact[~kept_elems].sum()), rel=2 ** -6, abs=1e-12)
+
+
+@pytest.mark.parametrize("start,n", [(0, 12 * 8), (3, 12 * 8 - 3), (20, 50), (30, 40), (0, 30), (41, 6)])
+def test_keep_plan_steps_the_v_rows_as_one_strided_view(start, n):
+    """Rows given as ``strided_rows`` (the V rows: rows 2-3 of each block of 4) that lie whole in
+    the shard's whole-row region become one strided view; V runs cut by the shard's ends, and
+    everything else, are stepped as before. Together the pieces cover every kept element once."""
+    import numpy as np
+
+    from megatron_longact.longact.optimizer import _KeepPlan
+
+    width = 8
+    v_rows = np.tile([False, False, True, True], 3)
+    keep = torch.from_numpy(v_rows | np.tile([True, False, False, False], 3))
+    keep[5] = True  # a kept k row next to the V rows of its block
+    kept_elems = keep.repeat_interleave(width)[start:start + n]
+    plan = _KeepPlan(start, n, width, keep, torch.device("cpu"), min_run=10 ** 6, strided_rows=v_rows)
+    flat = torch.zeros(n)
+    for view in plan.views(flat):
+        view.add_(1.0)
+    plan._mid(flat)[torch.from_numpy(plan.gather_rows)] += 1.0
+    assert torch.equal(flat, kept_elems.float())
+    first_full, last_full = -(-start // width), (start + n) // width
+    whole_v_runs = sum(1 for b in range(3) if first_full <= 4 * b + 2 and 4 * b + 4 <= last_full)
+    if whole_v_runs:
+        assert plan.strided is not None and plan.strided[1] == (whole_v_runs, 2 * width)
+        assert not set(plan.gather_rows + first_full) & {4 * b + r for b in range(3) for r in (2, 3)
+                                                         if first_full <= 4 * b + 2 and 4 * b + 4 <= last_full}
+    else:  # at most one V run, cut by an end of the region: stepped as a view of its own
+        assert plan.strided is None or plan.strided[1][0] == 1
+
+
+def test_strided_views_only_for_single_tensor_torch_adam():
+    from megatron_longact.longact.optimizer import takes_strided_params
+
+    p = [torch.nn.Parameter(torch.zeros(4))]
+    assert takes_strided_params(torch.optim.AdamW(p))
+    assert takes_strided_params(torch.optim.Adam(p, foreach=False))
+    assert not takes_strided_params(torch.optim.AdamW(p, foreach=True))
+    assert not takes_strided_params(torch.optim.SGD(p, lr=0.1))
+
+    class FusedAdamLike(torch.optim.AdamW):  # e.g. a multi-tensor subclass: not assumed to take them
+        pass
+
+    assert not takes_strided_params(FusedAdamLike(p))

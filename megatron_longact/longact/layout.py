@@ -88,6 +88,11 @@ class QKGeometry:
         per_rank = self.qkv_rows // tp_size
         return rows[..., tp_rank * per_rank:(tp_rank + 1) * per_rank]
 
+    def local_v_rows(self, tp_rank: int, tp_size: int) -> torch.Tensor:
+        """[P] bool: the V rows of ``linear_qkv`` on ``tp_rank`` (never masked)."""
+        return self.local_row_mask(torch.zeros(self.q_channels, dtype=torch.bool),
+                                   torch.zeros(self.k_channels, dtype=torch.bool), tp_rank, tp_size)
+
     def local_heads(self, tp_rank: int, tp_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Which global query heads and key groups this TP rank's attention computes, and whether
         it is the owner that reports each key group's statistics.

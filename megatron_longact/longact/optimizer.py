@@ -7,8 +7,9 @@
    gradient norm and clips;
 3. with ``apply_to=update``, hands the torch optimizer only the kept rows: right before it steps,
    each linear_qkv main shard in its param list is replaced by its kept rows (views of long kept
-   runs, and one compact tensor of the other kept rows with their gathered values and gradients
-   and their moments, which stay compact between steps), and right after it the compact values
+   runs, one strided view of the V rows where the optimizer takes strided tensors, and one compact
+   tensor of the other kept rows with their gathered values and gradients and their moments,
+   which stay compact between steps), and right after it the compact values
    are scattered back, before megatron copies main parameters to the model parameters. Frozen
    entries are never read or written by the optimizer, so they keep their main value and moments
    exactly, whatever the learning rate and weight decay, the bf16 model copy stays the cast of
@@ -45,8 +46,49 @@ from megatron_longact.runtime import collectives
 # launches, or one multi-tensor chunk on GPU). The V rows of a query group (always kept) are such
 # a run from head_dim x hidden = 128 x 2048 up. Below that, measured on the CPU
 # (benchmarks/optimizer_overhead.py, 30 M model, V runs of 64 x 512): gathering them too made the
-# step 1.18x the plain one instead of 1.27x. Partial edge rows are always stepped in place.
+# step 1.18x the plain one instead of 1.27x. Partial edge rows are always stepped in place. This
+# is the policy for multi-tensor optimizers (GPU); an optimizer that takes strided tensors gets the
+# V rows of a shard as one strided view whatever their length (:func:`takes_strided_params`).
 MIN_IN_PLACE_RUN = 262144
+
+
+def takes_strided_params(torch_opt) -> bool:
+    """Whether ``torch_opt`` steps each parameter with elementwise torch operations that accept any
+    strides: torch's Adam/AdamW on their single-tensor path (their default for CPU tensors, or
+    ``foreach=False``). Then the V rows of all query groups of a shard are handed over as one
+    strided view (:class:`_KeepPlan`), instead of a copy or a tensor per group. Multi-tensor
+    kernels (TE's and apex's FusedAdam, torch's foreach and fused paths) address each tensor as
+    one contiguous block, so they get contiguous pieces only."""
+    if type(torch_opt) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    for group in torch_opt.param_groups:
+        if group.get("fused") or group.get("foreach"):
+            return False
+        if group.get("foreach") is None and any(p.device.type != "cpu" for p in group["params"]):
+            return False  # torch picks the foreach path for CUDA tensors
+    return True
+
+
+def _regular_runs(rows: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The whole runs of True in ``rows`` as (first, period, length, count) when they are equally
+    long and equally spaced (the V rows of consecutive query groups); a run cut by either end of
+    ``rows`` is left out. None when there is no such run or they are irregular."""
+    edges = np.diff(np.concatenate(([0], rows.astype(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    if starts.size == 0:
+        return None
+    lengths = ends - starts
+    whole = np.ones(starts.size, dtype=bool)
+    if starts.size > 1:  # the edge runs may be cut by the region's ends
+        whole[0] = lengths[0] == lengths.max()
+        whole[-1] = lengths[-1] == lengths.max()
+    starts, lengths = starts[whole], lengths[whole]
+    if starts.size == 0 or (lengths != lengths[0]).any():
+        return None
+    period = int(starts[1] - starts[0]) if starts.size > 1 else int(lengths[0])
+    if starts.size > 2 and (np.diff(starts) != period).any():
+        return None
+    return int(starts[0]), period, int(lengths[0]), int(starts.size)
 
 
 def compact_state_bound(cfg: LongActConfig, geometry: QKGeometry, width: int, *, tp_size: int = 1,
@@ -56,7 +98,8 @@ def compact_state_bound(cfg: LongActConfig, geometry: QKGeometry, width: int, *,
     with ``bias``, their q/k/v biases. The memory planner divides it by the shard count.
 
     Each layer's compact set holds its kept q/k rows, and the V rows when a V run (``head_dim``
-    rows) is shorter than :data:`MIN_IN_PLACE_RUN`. Kept rows per TP rank: exact with
+    rows) is shorter than :data:`MIN_IN_PLACE_RUN` (the multi-tensor optimizers of a GPU; torch's
+    single-tensor Adam steps them as a strided view, which only lowers the real figure). Kept rows per TP rank: exact with
     ``scope=head``; with ``scope=layer`` (``model``) the top-k of the layer (of the model) may fall
     on one rank's heads, so at most min(local channels, k). Long kept runs and partial edge rows of
     DP shards are stepped in place and only lower the real figure.
@@ -84,16 +127,19 @@ class _KeepPlan:
 
     A shard covers elements [start, start + n) of the flattened TP-local weight, rows of ``width``
     elements: a partial head row, whole rows, and a partial tail row (under the distributed
-    optimizer a shard may start and end mid-row). The kept entries split into contiguous element ranges
-    of the flat shard that are stepped in place (``runs``: long runs of kept whole rows, and kept
-    partial edge rows), and the remaining kept whole rows, gathered into one compact
-    [rows, width] tensor (``gather_rows``, row indices of the shard's whole-row region). It also
+    optimizer a shard may start and end mid-row). The kept entries split into entries stepped in
+    place and the remaining kept whole rows, gathered into one compact [rows, width] tensor
+    (``gather_rows``, row indices of the shard's whole-row region). Stepped in place are
+    contiguous element ranges of the flat shard (``runs``: long runs of kept whole rows, and kept
+    partial edge rows) and, when ``strided_rows`` is given (rows never masked, the V rows; only
+    for optimizers that :func:`takes_strided_params`), one strided view of those of its rows that
+    form equally long, equally spaced runs inside the whole-row region (``strided``). It also
     records which of the shard's pieces (partial head row, whole rows, partial tail row) are frozen
     (``frozen_weights``), for the logged norm (:meth:`row_norms`).
     """
 
     def __init__(self, start: int, n: int, width: int, keep_rows: torch.Tensor, device,
-                 min_run: int | None = None):
+                 min_run: int | None = None, strided_rows: np.ndarray | None = None):
         min_run = MIN_IN_PLACE_RUN if min_run is None else min_run
         keep = keep_rows.numpy()  # host arithmetic in numpy: a few small arrays per layer
         first_full = -(-start // width)
@@ -101,6 +147,8 @@ class _KeepPlan:
         last_full = end // width
         self.width = width
         runs: list[tuple[int, int]] = []  # [a, b) element ranges of the flat shard
+        # (element offset, size, stride) of one strided view of the flat shard, or None
+        self.strided: tuple[int, tuple[int, int], tuple[int, int]] | None = None
         gather_rows = np.zeros(0, dtype=np.int64)
         if first_full <= last_full:
             off = first_full * width - start
@@ -108,6 +156,16 @@ class _KeepPlan:
             if start < first_full * width and keep[first_full - 1]:
                 runs.append((0, off))
             kept = keep[first_full:last_full]
+            regular = None if strided_rows is None else _regular_runs(strided_rows[first_full:last_full])
+            if regular is not None:
+                first, period, length, count = regular
+                in_view = np.zeros(kept.size, dtype=bool)
+                for i in range(count):
+                    in_view[first + i * period:first + i * period + length] = True
+                if not kept[in_view].all():
+                    raise AssertionError("LongAct: rows to step as a strided view are not all kept")
+                self.strided = (off + first * width, (count, length * width), (period * width, 1))
+                kept = kept & ~in_view
             edges = np.diff(np.concatenate(([0], kept.astype(np.int8), [0])))
             run_start, run_end = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
             long = (run_end - run_start) * width >= min_run
@@ -119,7 +177,8 @@ class _KeepPlan:
                 runs.append((last_full * width - start, n))
             self.has_head = start < first_full * width
             self.has_tail = last_full * width < end
-            frozen = np.concatenate([~keep[first_full - 1:first_full][:int(self.has_head)], ~kept,
+            frozen = np.concatenate([~keep[first_full - 1:first_full][:int(self.has_head)],
+                                     ~keep[first_full:last_full],
                                      ~keep[last_full:last_full + 1][:int(self.has_tail)]])
         else:  # the shard lies inside one row: no whole rows, all of it is the tail piece
             self.mid = (0, 0)
@@ -137,8 +196,12 @@ class _KeepPlan:
         return flat[off:off + rows * self.width].view(rows, self.width)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """The in-place runs, as views of ``flat``."""
-        return [flat[a:b] for a, b in self.runs]
+        """The entries stepped in place, as views of ``flat``: the runs, then the strided view."""
+        views = [flat[a:b] for a, b in self.runs]
+        if self.strided is not None:
+            offset, size, stride = self.strided
+            views.append(flat[offset:].as_strided(size, stride))
+        return views
 
     def row_norms(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The 2-norms of the shard's pieces in one read of ``flat``, in the order of
@@ -168,17 +231,19 @@ def squared_norm_sums(norms: list[torch.Tensor], frozen_weights: list[torch.Tens
 class _Target:
     """A linear_qkv weight or bias with its main-parameter reference."""
 
-    def __init__(self, ref: MainParamRef, row_slot: int, row_width: int):
+    def __init__(self, ref: MainParamRef, row_slot: int, row_width: int, v_rows_P: np.ndarray):
         self.ref = ref
         self.row_slot = row_slot  # index into LongAct.local_qkv_row_masks()
         self.row_width = row_width  # elements per row (hidden size for the weight, 1 for the bias)
+        # TP-local V rows, stepped as one strided view when the torch optimizer takes it
+        self.strided_rows = v_rows_P if takes_strided_params(ref.torch_optimizer) else None
         self.plan: _KeepPlan | None = None  # kept entries of the main shard, this step only
         self.frozen_rows: torch.Tensor | None = None  # TP-local indices of the frozen rows
 
     def keep_plan(self, keep_rows_P: torch.Tensor) -> _KeepPlan:
         main = self.ref.main_param
         return _KeepPlan(self.ref.flat_start, main.numel(), self.row_width, keep_rows_P.cpu(),
-                         main.device)
+                         main.device, strided_rows=self.strided_rows)
 
 
 def _plain_state(torch_opt, state_dict: dict) -> dict:
@@ -223,6 +288,8 @@ class LongActHandle:
     # -- wiring ------------------------------------------------------------------------------
     def _find_targets(self, refs: list[MainParamRef]) -> list[_Target]:
         by_param = {id(r.model_param): r for r in refs}
+        g = self.longact.groups
+        v_rows = self.longact.geometry.local_v_rows(g.tp_rank, g.tp_size).numpy()
         targets = []
         slot = 0
         for model in self.longact.gpt_models:
@@ -231,10 +298,10 @@ class LongActHandle:
                 weight = qkv.weight
                 # Under the distributed optimizer a DP rank may own no part of a weight at all.
                 if id(weight) in by_param:
-                    targets.append(_Target(by_param[id(weight)], slot, weight.shape[1]))
+                    targets.append(_Target(by_param[id(weight)], slot, weight.shape[1], v_rows))
                 bias = getattr(qkv, "bias", None)
                 if self.cfg.include_bias and isinstance(bias, torch.nn.Parameter) and id(bias) in by_param:
-                    targets.append(_Target(by_param[id(bias)], slot, 1))
+                    targets.append(_Target(by_param[id(bias)], slot, 1, v_rows))
                 slot += 1
         return targets
 

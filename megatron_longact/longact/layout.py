@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 
@@ -57,6 +58,14 @@ class QKGeometry:
         """[Ck] global row of each global key channel (cached)."""
         return self.k_rows()
 
+    @cached_property
+    def _q_rows_np(self) -> np.ndarray:
+        return self.q_row_index.numpy()
+
+    @cached_property
+    def _k_rows_np(self) -> np.ndarray:
+        return self.k_row_index.numpy()
+
     def q_rows(self) -> torch.Tensor:
         """[Cq] global row of each global query channel."""
         D, Gq = self.head_dim, self.heads_per_group
@@ -76,11 +85,10 @@ class QKGeometry:
     def row_mask(self, q_keep_C: torch.Tensor, k_keep_C: torch.Tensor) -> torch.Tensor:
         """[R] bool global-row mask of one layer: True = the row is updated. V rows are always
         updated; q/k rows follow the channel masks. Also accepts [L, C] masks -> [L, R]."""
-        lead = q_keep_C.shape[:-1]
-        rows = torch.ones(*lead, self.qkv_rows, dtype=torch.bool)
-        rows[..., self.q_row_index] = q_keep_C.to(torch.bool).cpu()
-        rows[..., self.k_row_index] = k_keep_C.to(torch.bool).cpu()
-        return rows
+        rows = np.ones((*q_keep_C.shape[:-1], self.qkv_rows), dtype=bool)  # host arithmetic
+        rows[..., self._q_rows_np] = q_keep_C.detach().to(torch.bool).cpu().numpy()
+        rows[..., self._k_rows_np] = k_keep_C.detach().to(torch.bool).cpu().numpy()
+        return torch.from_numpy(rows)
 
     def local_row_mask(self, q_keep_C, k_keep_C, tp_rank: int, tp_size: int) -> torch.Tensor:
         """[P] (or [L, P]) bool TP-local row mask of ``linear_qkv`` on ``tp_rank``."""

@@ -11,6 +11,7 @@ still load.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from megatron_longact.longact.config import LongActConfig
@@ -18,21 +19,17 @@ from megatron_longact.longact.layout import QKGeometry
 from megatron_longact.longact.selection import select_channels
 from megatron_longact.longact.stats import GlobalStats
 
-_BIT_WEIGHTS = [1 << i for i in range(8)]
-
-
 def pack_mask(mask_LC: torch.Tensor) -> torch.Tensor:
-    """[L, C] bool -> [L, ceil(C/8)] uint8, channel c in bit c % 8 of byte c // 8."""
-    L, C = mask_LC.shape
-    m = torch.nn.functional.pad(mask_LC.to(torch.uint8), (0, (-C) % 8)).view(L, -1, 8)
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask_LC.device)
-    return (m * weights).sum(dim=-1, dtype=torch.uint8)
+    """[L, C] bool -> [L, ceil(C/8)] uint8 on the host, channel c in bit c % 8 of byte c // 8.
+    Host arithmetic in numpy: the masks are small host tensors, packed and unpacked every step."""
+    bits = np.packbits(mask_LC.detach().cpu().numpy().astype(bool), axis=1, bitorder="little")
+    return torch.from_numpy(bits)
 
 
 def unpack_mask(bits_LB: torch.Tensor, channels: int) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`: [L, B] uint8 -> [L, channels] bool."""
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits_LB.device)
-    return ((bits_LB.unsqueeze(-1) & weights) != 0).view(bits_LB.shape[0], -1)[:, :channels]
+    """Inverse of :func:`pack_mask`: [L, B] uint8 -> [L, channels] bool, on the host."""
+    bits = np.unpackbits(bits_LB.detach().cpu().numpy(), axis=1, count=channels, bitorder="little")
+    return torch.from_numpy(bits.view(bool))
 
 
 def jaccard_L(a_LC: torch.Tensor, b_LC: torch.Tensor) -> torch.Tensor:

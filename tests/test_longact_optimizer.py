@@ -25,9 +25,14 @@ def _tiny(dtype):
                        max_position_embeddings=512, qk_layernorm=True, params_dtype=dtype)
 
 
-def _run(runtime, dtype, distributed, longact_cfg, steps, clip=1.0, bucket=None):
-    """Train ``steps`` steps; return what the checks need (all on CPU, plain tensors)."""
+def _run(runtime, dtype, distributed, longact_cfg, steps, clip=1.0, bucket=None, min_view=None):
+    """Train ``steps`` steps; return what the checks need (all on CPU, plain tensors).
+    ``min_view=0``: the V rows are stepped as one strided view however few they are."""
+    import megatron_longact.longact.optimizer as longact_optimizer
     from megatron_longact.compat import main_param_refs
+
+    if min_view is not None:
+        longact_optimizer.MIN_STRIDED_VIEW = min_view
     from megatron_longact.longact.optimizer import install
     from megatron_longact.training.engine import setup_engine, train_step
     from megatron_longact.training.lm import _forward_step, micro_batches_for_step
@@ -127,11 +132,11 @@ def test_frozen_rows_are_bit_identical(dtype, distributed, layout):
         real = results[0]["compact_bytes"]
         assert all(0 < out["compact_bytes"] <= bound for out in results)
     if tp == 1 and (not distributed or len(results) == pp):
-        # Whole weights (no DP sharding): per layer 19 q + 10 k rows of 64 fp32 values, 16 B
-        # each (two moments, value and gradient buffers); torch's single-tensor AdamW steps the 32
-        # V rows in place as one strided view. A fixed mask never grows the set, so the moments
-        # carry none of the 1/8 slack the bound allows for.
-        assert real == 4 * 29 * 64 * 16
+        # Whole weights (no DP sharding): per layer 19 q + 10 k + 32 V rows of 64 fp32 values, 16 B
+        # each (two moments, value and gradient buffers; the V rows are too few for a strided
+        # view). A fixed mask never grows the set, so the moments carry none of the 1/8 slack the
+        # bound allows for.
+        assert real == 4 * 61 * 64 * 16
 
 
 def test_strategy_none_is_bit_identical_to_plain_megatron():
@@ -142,11 +147,13 @@ def test_strategy_none_is_bit_identical_to_plain_megatron():
             assert torch.equal(a["params"][name], b["params"][name]), name
 
 
-def test_unfrozen_entries_follow_plain_megatron_given_the_same_gradients():
+@pytest.mark.parametrize("min_view", [None, 0])
+def test_unfrozen_entries_follow_plain_megatron_given_the_same_gradients(min_view):
     """One step from the same weights and batch without clipping: every entry LongAct does not
-    freeze gets exactly the update plain megatron-core gives it."""
+    freeze gets exactly the update plain megatron-core gives it (min_view=0: with the V rows
+    stepped as one strided view)."""
     plain = run_distributed(_run, args=("bf16", True, None, 1, 0.0), dp=2)
-    masked = run_distributed(_run, args=("bf16", True, FIXED, 1, 0.0), dp=2)
+    masked = run_distributed(_run, args=("bf16", True, FIXED, 1, 0.0, None, min_view), dp=2)
     for a, b in zip(plain, masked):
         for name, p in a["params"].items():
             q = b["params"][name]
@@ -173,12 +180,13 @@ def test_gradient_mode_drifts_as_documented():
         torch.testing.assert_close(got, main0 * (1 - LR * WD) ** 3, rtol=1e-6, atol=0)
 
 
-def _run_counting(runtime, steps, min_run=None, warmup=1, contiguous=False):
+def _run_counting(runtime, steps, min_run=None, warmup=1, policy="default"):
     """Train with a mask recomputed every step after one full warm-up step (so frozen rows carry
     non-zero Adam moments from earlier steps); record, per step, how many elements the inner torch
     optimizers were handed and which entries of the main shards and moments changed.
-    ``contiguous``: the inner AdamW runs its foreach (multi-tensor) path, as on a GPU, so LongAct
-    hands it contiguous pieces only (no strided view of the V rows)."""
+    ``policy``: ``strided`` steps the V rows as one strided view however few they are;
+    ``contiguous`` runs the inner AdamW's foreach (multi-tensor) path, as on a GPU, so LongAct
+    hands it contiguous pieces only."""
     from functools import partial
 
     from megatron.core import parallel_state as ps
@@ -189,20 +197,21 @@ def _run_counting(runtime, steps, min_run=None, warmup=1, contiguous=False):
 
     if min_run is not None:  # step short runs of kept rows in place too (views, not copies)
         longact_optimizer.MIN_IN_PLACE_RUN = min_run
+    if policy == "strided":
+        longact_optimizer.MIN_STRIDED_VIEW = 0
     from megatron_longact.training.engine import setup_engine, train_step
     from megatron_longact.training.lm import _forward_step, micro_batches_for_step
 
     train = TrainConfig(steps=steps, seq_length=32, micro_batch_size=2, global_batch_size=4, lr=LR,
                         weight_decay=WD, use_distributed_optimizer=True, ddp_bucket_size=3000)
     engine = setup_engine(_tiny("bf16"), train, runtime.parallel)
-    if contiguous:
+    if policy == "contiguous":
         for opt in inner_optimizers(engine.optimizer):
             for group in opt.optimizer.param_groups:
                 group["foreach"] = True
     handle = install(engine.model, engine.optimizer, LongActConfig(warmup_steps=warmup, keep_ratio=0.3))
-    strided = [t.strided_rows is not None for t in handle._targets]
-    assert all(strided) != contiguous and any(strided) != contiguous
-    stepped = []
+    assert all((t.strided_rows is None) == (policy == "contiguous") for t in handle._targets)
+    stepped, views = [], []
 
     def count(opt, args, kwargs):  # registered after LongAct's hook: sees what the step sees
         stepped.append(sum(p.numel() for g in opt.param_groups for p in g["params"]
@@ -246,20 +255,25 @@ def _run_counting(runtime, steps, min_run=None, warmup=1, contiguous=False):
                                 for a, b in zip(prev, now)),
                 moments_nonzero=bool(not fresh and prev[1].view(-1)[frozen].any()),
                 kept_moved=not torch.equal(prev[0].view(-1)[~frozen], now[0].view(-1)[~frozen])))
-        out.append(dict(stepped=sum(stepped), total=total, frozen=frozen_total, checks=checks))
+        views = [plan.strided is not None for plan, _ in handle._freeze_plans.values()]
+        out.append(dict(stepped=sum(stepped), total=total, frozen=frozen_total, checks=checks,
+                        strided_views=sum(views)))
     return out
 
 
-@pytest.mark.parametrize("min_run,warmup,contiguous", [(None, 1, False), (64, 1, False), (64, 0, False),
-                                                       (None, 1, True)])
-def test_optimizer_steps_only_the_kept_rows(min_run, warmup, contiguous):
+@pytest.mark.parametrize("min_run,warmup,policy", [(None, 1, "default"), (64, 1, "default"),
+                                                   (64, 0, "default"), (None, 1, "strided"),
+                                                   (None, 1, "contiguous")])
+def test_optimizer_steps_only_the_kept_rows(min_run, warmup, policy):
     """The inner torch optimizer is handed the kept rows only (frozen rows cost no optimizer work),
     and frozen rows that carry non-zero moments from earlier steps keep main values and moments to
     the bit while the mask changes every step; DP=2 with weights split mid-row. min_run=64 (one row
     of the tiny model) steps every kept run in place; warmup=0 creates the Adam state under a mask;
-    contiguous: a multi-tensor optimizer path, which gets no strided view."""
-    results = run_distributed(_run_counting, args=(3, min_run, warmup, contiguous), dp=2)
+    strided: the V rows as one strided view; contiguous: a multi-tensor optimizer path, which gets
+    no strided view."""
+    results = run_distributed(_run_counting, args=(3, min_run, warmup, policy), dp=2)
     for per_step in results:
+        assert all((s["strided_views"] > 0) == (policy == "strided") for s in per_step[warmup:])
         first = per_step[0]
         if warmup:
             assert first["frozen"] == 0 and first["stepped"] == first["total"]  # full update
@@ -304,7 +318,8 @@ def test_keep_plan_covers_exactly_the_kept_entries(start, n, min_run):
 def test_keep_plan_steps_the_v_rows_as_one_strided_view(start, n):
     """Rows given as ``strided_rows`` (the V rows: rows 2-3 of each block of 4) that lie whole in
     the shard's whole-row region become one strided view; V runs cut by the shard's ends, and
-    everything else, are stepped as before. Together the pieces cover every kept element once."""
+    everything else, are stepped as before. Together the pieces cover every kept element once.
+    Below ``min_view`` elements the V rows are gathered with the others."""
     import numpy as np
 
     from megatron_longact.longact.optimizer import _KeepPlan
@@ -314,7 +329,8 @@ def test_keep_plan_steps_the_v_rows_as_one_strided_view(start, n):
     keep = torch.from_numpy(v_rows | np.tile([True, False, False, False], 3))
     keep[5] = True  # a kept k row next to the V rows of its block
     kept_elems = keep.repeat_interleave(width)[start:start + n]
-    plan = _KeepPlan(start, n, width, keep, torch.device("cpu"), min_run=10 ** 6, strided_rows=v_rows)
+    plan = _KeepPlan(start, n, width, keep, torch.device("cpu"), min_run=10 ** 6, strided_rows=v_rows,
+                     min_view=0)
     flat = torch.zeros(n)
     for view in plan.views(flat):
         view.add_(1.0)
@@ -328,6 +344,9 @@ def test_keep_plan_steps_the_v_rows_as_one_strided_view(start, n):
                                                          if first_full <= 4 * b + 2 and 4 * b + 4 <= last_full}
     else:  # at most one V run, cut by an end of the region: stepped as a view of its own
         assert plan.strided is None or plan.strided[1][0] == 1
+    few = _KeepPlan(start, n, width, keep, torch.device("cpu"), min_run=10 ** 6, strided_rows=v_rows,
+                    min_view=3 * 2 * width + 1)
+    assert few.strided is None and len(few.gather_rows) == int(keep[first_full:last_full].sum())
 
 
 def test_strided_views_only_for_single_tensor_torch_adam():

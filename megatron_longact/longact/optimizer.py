@@ -48,8 +48,17 @@ from megatron_longact.runtime import collectives
 # (benchmarks/optimizer_overhead.py, 30 M model, V runs of 64 x 512): gathering them too made the
 # step 1.18x the plain one instead of 1.27x. Partial edge rows are always stepped in place. This
 # is the policy for multi-tensor optimizers (GPU); an optimizer that takes strided tensors gets the
-# V rows of a shard as one strided view whatever their length (:func:`takes_strided_params`).
+# V rows of a shard as one strided view once they hold MIN_STRIDED_VIEW elements
+# (:func:`takes_strided_params`).
 MIN_IN_PLACE_RUN = 262144
+
+# V rows of a shard holding at least this many elements (256 KiB of fp32) are stepped as one
+# strided view by optimizers that take strided tensors; fewer are gathered with the other kept
+# rows, since an extra tensor costs the single-tensor Adam and the hooks a fixed dozen operations.
+# Measured on the CPU (benchmarks/optimizer_overhead.py): the 30 M model's 4 x 64 x 512 V elements
+# per layer take the same time either way and the view halves the compact state (30.4 -> 14.4
+# MiB); the tiny model's 2 x 16 x 64 were 0.05-0.15 slower as views (1.45-1.51 against 1.36-1.43).
+MIN_STRIDED_VIEW = 65536
 
 
 def takes_strided_params(torch_opt) -> bool:
@@ -133,14 +142,17 @@ class _KeepPlan:
     contiguous element ranges of the flat shard (``runs``: long runs of kept whole rows, and kept
     partial edge rows) and, when ``strided_rows`` is given (rows never masked, the V rows; only
     for optimizers that :func:`takes_strided_params`), one strided view of those of its rows that
-    form equally long, equally spaced runs inside the whole-row region (``strided``). It also
+    form equally long, equally spaced runs inside the whole-row region, if they hold at least
+    ``min_view`` elements (``strided``). It also
     records which of the shard's pieces (partial head row, whole rows, partial tail row) are frozen
     (``frozen_weights``), for the logged norm (:meth:`row_norms`).
     """
 
     def __init__(self, start: int, n: int, width: int, keep_rows: torch.Tensor, device,
-                 min_run: int | None = None, strided_rows: np.ndarray | None = None):
+                 min_run: int | None = None, strided_rows: np.ndarray | None = None,
+                 min_view: int | None = None):
         min_run = MIN_IN_PLACE_RUN if min_run is None else min_run
+        min_view = MIN_STRIDED_VIEW if min_view is None else min_view
         keep = keep_rows.numpy()  # host arithmetic in numpy: a few small arrays per layer
         first_full = -(-start // width)
         end = start + n
@@ -157,7 +169,7 @@ class _KeepPlan:
                 runs.append((0, off))
             kept = keep[first_full:last_full]
             regular = None if strided_rows is None else _regular_runs(strided_rows[first_full:last_full])
-            if regular is not None:
+            if regular is not None and regular[2] * regular[3] * width >= min_view:
                 first, period, length, count = regular
                 in_view = np.zeros(kept.size, dtype=bool)
                 for i in range(count):

@@ -545,6 +545,10 @@ class Trainer:
                     if getattr(rl, k) is not None}
         if rl.algorithm == "dr_grpo" and "loss_scale_factor" not in loss_cfg:
             loss_cfg["loss_scale_factor"] = float(rl.max_new_tokens)
+        # Without old log-probs (on-policy) the update pass, the same teacher-forced forward at the
+        # sampling temperature, measures the entropy estimate below: the sampler's own log-probs
+        # would not do, an external engine's being those after top-k/top-p.
+        entropy_mask = resp_pred.float() if old_lp is None else None
         mb = cfg.train.micro_batch_size
         per_mini = n // rl.mini_batches
         metrics_acc: dict[str, list[float]] = {}
@@ -561,8 +565,8 @@ class Trainer:
                     sl = slice(j, min(j + mb, rows.stop))
                     mbs.append(self._cp_part({k: v[sl] for k, v in dict(
                         tokens=tokens, labels=labels, valid=valid, resp_BS=resp_BS, resp_mask=resp_mask,
-                        old_lp=old_lp, ref_lp=ref_lp, adv=adv, engine_lp=engine_lp).items()
-                        if v is not None}))
+                        old_lp=old_lp, ref_lp=ref_lp, adv=adv, engine_lp=engine_lp,
+                        entropy_mask=entropy_mask).items() if v is not None}))
                 fwd = partial(_rl_forward_step, self.handle, rl.algorithm, loss_cfg,
                               counts.loss_kwargs(), scale, self.tokenizer.vocab_size, rl.temperature,
                               (rl.kl_coef, rl.kl_estimator) if self.ref_model is not None else None,
@@ -581,29 +585,26 @@ class Trainer:
             rollout_metrics = self._mismatch_metrics(reduce_last_stage(parts[0], "sum"),
                                                      reduce_last_stage(parts[1], "sum"),
                                                      reduce_last_stage(parts[2], "max"))
+        # Policy entropy, Monte-Carlo estimate: mean -log p (at the sampling temperature) of the
+        # sampled response tokens under the policy that sampled them, teacher-forced: old_lp, or
+        # the update pass's log-probs (already summed over micro-batches and DP ranks).
+        if old_lp is not None:
+            entropy = collectives.all_reduce_values(
+                [float(-(old_lp * resp_pred.float()).sum()), float(resp_pred.sum())], _dp_group())
+        else:
+            entropy = [reduce_last_stage(metrics_acc.pop(k, []), "sum") for k in _ENTROPY_KEYS]
         metrics = _reduce_metrics(metrics_acc)
         scores, rewards = batch["scores"], batch["rewards"]
-        # Policy entropy, Monte-Carlo estimate: mean -log p (at the sampling temperature) of the
-        # sampled response tokens under the policy that sampled them (old_lp, teacher-forced).
-        if old_lp is not None:
-            entropy_sum = float(-(old_lp * resp_pred.float()).sum())
-        else:
-            # On-policy runs skip that forward: the sampler's log-probs of the same tokens (the
-            # same temperature, before top-k/top-p) give the same estimate.
-            lp_BN = gen.log_probs.float().cpu()
-            pos_BN = torch.arange(lp_BN.shape[1]).unsqueeze(0) < gen.response_lengths.cpu().unsqueeze(1)
-            entropy_sum = float(-(lp_BN * pos_BN).sum())
         local = collectives.all_reduce_values(
             [scores.sum(), (scores >= 1.0).float().sum(), rewards.sum(),
-             gen.response_lengths.float().sum(), float(n), float(valid.sum()), float(batch["tries"]),
-             entropy_sum, float(resp_pred.sum())],
+             gen.response_lengths.float().sum(), float(n), float(valid.sum()), float(batch["tries"])],
             _dp_group())
         count = float(local[4])
         metrics.update({
             "rl/score": float(local[0]) / count, "rl/accuracy": float(local[1]) / count,
             "rl/reward": float(local[2]) / count, "rl/response_length": float(local[3]) / count,
             "rl/sampling_tries": float(local[6]) / self.dp,
-            "rl/entropy": float(local[7]) / max(float(local[8]), 1.0),
+            "rl/entropy": entropy[0] / max(entropy[1], 1.0),
             "train/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
             "train/lr": out["lr"], "train/skipped_updates": float(skipped),
             "perf/rollout_seconds": t_rollout, "perf/update_seconds": t_update,
@@ -853,7 +854,10 @@ def _full_width(lp_BS1: torch.Tensor) -> torch.Tensor:
 # Sum, token count and largest |engine - megatron| log-prob difference of the response tokens,
 # measured on the update pass when no old log-probs were recomputed (rollout.mismatch_sums).
 _MISMATCH_KEYS = ("mismatch_sum", "mismatch_count", "mismatch_max")
-_CP_SUM = ("pg_loss", "sft_loss", "num_tokens", "mismatch_sum", "mismatch_count")
+# Sum of -log p and token count of the sampled response tokens, measured on the update pass when no
+# old log-probs were recomputed (the rl/entropy estimate).
+_ENTROPY_KEYS = ("entropy_sum", "entropy_count")
+_CP_SUM = ("pg_loss", "sft_loss", "num_tokens") + _MISMATCH_KEYS[:2] + _ENTROPY_KEYS
 _CP_MIN = ("ratio_min",)
 _CP_MAX = ("ratio_max", "mismatch_max")
 
@@ -895,7 +899,7 @@ def _sft_forward_step(scale, cp_group, data_iterator, model):
 
 
 # Micro-batch entries in prediction space that only the RL loss reads (cut to the output window).
-_LOSS_COLUMNS = ("labels", "resp_mask", "old_lp", "ref_lp", "adv", "engine_lp")
+_LOSS_COLUMNS = ("labels", "resp_mask", "old_lp", "ref_lp", "adv", "engine_lp", "entropy_mask")
 
 
 def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, temperature, kl, cp_group,
@@ -953,6 +957,9 @@ def _rl_forward_step(handle, algorithm, loss_cfg, counts, scale, vocab_size, tem
         if "engine_lp" in mb:  # the training-inference mismatch against this very forward
             metrics = {**metrics, **dict(zip(_MISMATCH_KEYS, mismatch_sums(
                 mb["engine_lp"], logp.detach(), mb["resp_mask"])))}
+        if "entropy_mask" in mb:  # the entropy estimate's share of this micro-batch
+            ent = mb["entropy_mask"]
+            metrics = {**metrics, "entropy_sum": -(logp.detach() * ent).sum(), "entropy_count": ent.sum()}
         out = {k: v.detach().float().clone() for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         if cp_group is not None:
             out = _cp_reduce_metrics(out, cp_group, num_tokens=out.get("num_tokens"))

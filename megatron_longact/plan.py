@@ -63,7 +63,10 @@ Memory model (bytes per GPU; all of it is an estimate, stated so that it can be 
     ``rollout.enable_sleep_mode``, only in a phase of its own (it sleeps while the policy trains);
     a weight sync adds twice the largest full parameter to every GPU. A plan whose engine has no
     room for the KV cache of one full-length sequence is refused. External servers
-    (``vllm_server``) use no memory of the training GPUs.
+    (``vllm_server``) use no memory of the training GPUs. Host memory is not planned against a
+    limit, but the plan states what the weight pushes take of it (:func:`vllm_host_memory`): the
+    whole model per engine in shared memory, kept between pushes with engine TP 1, twice that
+    during a push with engine TP > 1.
   - teacher-forced log-prob forwards (old policy, reference): one micro-batch's logits in bf16,
     their fp32 copy and the temperature-scaled copy (10 B per vocab-parallel logit) plus one layer's
     transient, no gradients.
@@ -404,6 +407,26 @@ def vllm_engine_memory(run: RunConfig, device_bytes: int) -> dict:
             "sleep": bool(ro.enable_sleep_mode)}
 
 
+def vllm_host_memory(run: RunConfig, tp: int, cp: int, dp: int, gpus_per_node: int) -> dict:
+    """Host memory of the weight pushes to colocated vLLM engines (docs/rollout.md, "Transport"),
+    on the node that hosts the most engines. Each data-
+    parallel replica's engine is hosted by its rank with TP, CP and PP rank 0 (global rank
+    ``TP x CP x replica`` in megatron's rank order), which gathers the whole model to host memory:
+
+    - engine TP 1: the HF weights stay in shared memory (``/dev/shm``) between pushes (later
+      pushes gather into the same tensors), ``held`` = ``push`` = the model's weights per engine;
+    - engine TP > 1: each push writes a safetensors file to ``/dev/shm`` beside the gathered copy
+      and deletes it after the reload, ``held`` = 0 and ``push`` = twice the weights per engine.
+    """
+    cfg, ro = run.model, run.rollout
+    weights = cfg.num_parameters() * _DTYPE_BYTES[cfg.params_dtype]
+    shared = ro.tensor_parallel_size == 1
+    nodes = [tp * cp * replica // gpus_per_node for replica in range(dp)]
+    engines = max(nodes.count(n) for n in set(nodes))
+    return {"weights": weights, "shared": shared, "engines_per_node": engines,
+            "held": engines * weights if shared else 0, "push": engines * weights * (1 if shared else 2)}
+
+
 def kv_cache_bytes_per_sequence(cfg: ModelConfig, seq_length: int, tp: int, pp: int) -> int:
     """bf16 K and V of one sequence of ``seq_length`` tokens for one stage's layers on one TP rank
     (key/value groups are split over TP, or replicated when there are fewer groups than ranks)."""
@@ -548,6 +571,15 @@ def make_plan(run: RunConfig, nodes: int, gpus_per_node: int, opts: PlanOptions 
             f"{vm['sequences']} sequence(s) of {train.seq_length} tokens at once "
             f"({_fmt_bytes(vm['kv_per_sequence'])} each); a weight sync adds "
             f"{_fmt_bytes(vm['sync'])} per training GPU (one full parameter at a time)")
+        host = vllm_host_memory(run, tp, cp, dp, gpus_per_node)
+        per = f"{_fmt_bytes(host['weights'])} of HF weights per engine"
+        numbers["host memory"] = (
+            f"weight pushes to the vLLM engines, {host['engines_per_node']} engine(s) on the fullest "
+            f"node: {_fmt_bytes(host['push'])} of host memory there while a push runs, "
+            + (f"all of it shared memory (/dev/shm) kept between pushes ({per}, engine TP 1)"
+               if host["shared"] else
+               f"half of it a file in /dev/shm, freed after it ({per}, gathered, then written for "
+               "the engine's workers, engine TP > 1)"))
         if vm["tp"] > gpus_per_node:
             refusals.append(f"rollout.tensor_parallel_size: {vm['tp']} is more than the {gpus_per_node} "
                             "GPUs of a node; the engine runs on the host's node")

@@ -56,6 +56,15 @@ def test_70b_64k_fits_80gb_under_its_layout():
     assert [st.phases["vLLM rollout and weight sync"] for st in plan.stages[1:]] == [sync] * 3
     assert "vLLM engine" not in plan.stages[0].static and plan.refusals == []
     assert "3 sequence(s) of 65536 tokens at once" in plan.numbers["rollout"]
+    # Host memory of the weight pushes: one engine (TP 8) on the first node; a push gathers the
+    # whole model there (70.55 B x 2 B) and writes it once more as a file in /dev/shm.
+    from megatron_longact.plan import vllm_host_memory
+
+    host = vllm_host_memory(run, 8, 2, 1, 8)
+    assert host["weights"] == run.model.num_parameters() * 2 and 1.40e11 < host["weights"] < 1.42e11
+    assert (host["engines_per_node"], host["held"], host["push"]) == (1, 0, 2 * host["weights"])
+    assert plan.numbers["host memory"].startswith("weight pushes to the vLLM engines, 1 engine(s) on the "
+                                                  "fullest node: 262.83 GiB of host memory")
     # The native engine cannot generate under CP=2: refused, as by the trainer.
     native = make_plan(_run("llama3_70b_grpo_64k.yaml", "rollout.engine=megatron"), 8, 8)
     assert native.refusals == ["parallel.context_parallel_size: 2 with RL rollouts: native generation "
@@ -75,6 +84,24 @@ def test_vllm_engine_memory_without_sleep_and_too_small_a_share():
         "rollout.gpu_memory_utilization: 0.2 gives the vLLM engine 16.00 GiB per GPU")
     wide = make_plan(_run("llama3_70b_grpo_64k.yaml", "rollout.tensor_parallel_size=16"), 8, 8)
     assert any(r.startswith("rollout.tensor_parallel_size: 16 is more than the 8 GPUs") for r in wide.refusals)
+
+
+def test_vllm_host_memory_counts_the_engines_of_a_node():
+    """Replica hosts are global ranks TP x CP x replica: Qwen3-8B at TP 4 puts two on each node
+    of 8 GPUs. With engine TP 1 the pushed weights stay in shared memory between pushes."""
+    from megatron_longact.plan import vllm_host_memory
+
+    run = _run("qwen3_8b_grpo.yaml")
+    weights = run.model.num_parameters() * 2
+    assert vllm_host_memory(run, 4, 1, 4, 8) == dict(weights=weights, shared=False, engines_per_node=2,
+                                                     held=0, push=4 * weights)
+    shared = _run("qwen3_8b_grpo.yaml", "rollout.tensor_parallel_size=1")
+    assert vllm_host_memory(shared, 4, 1, 4, 8) == dict(weights=weights, shared=True, engines_per_node=2,
+                                                        held=2 * weights, push=2 * weights)
+    # TP 1 x DP 8: every GPU of a node hosts an engine.
+    assert vllm_host_memory(shared, 1, 1, 16, 8)["engines_per_node"] == 8
+    plan = make_plan(shared, 2, 8)
+    assert "all of it shared memory (/dev/shm) kept between pushes" in plan.numbers["host memory"]
 
 
 def test_fp8_and_8b_configs_fit():

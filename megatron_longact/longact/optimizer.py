@@ -57,7 +57,7 @@ MIN_IN_PLACE_RUN = 262144
 # rows, since an extra tensor costs the single-tensor Adam and the hooks a fixed dozen operations.
 # Measured on the CPU (benchmarks/optimizer_overhead.py): the 30 M model's 4 x 64 x 512 V elements
 # per layer take the same time either way and the view halves the compact state (30.4 -> 14.4
-# MiB); the tiny model's 2 x 16 x 64 were 0.05-0.15 slower as views (1.45-1.51 against 1.36-1.43).
+# MiB); the tiny model's 2 x 16 x 64 were 0.02-0.15 slower as views (1.45-1.51 against 1.36-1.43).
 MIN_STRIDED_VIEW = 65536
 
 
@@ -80,8 +80,9 @@ def takes_strided_params(torch_opt) -> bool:
 
 def _regular_runs(rows: np.ndarray) -> tuple[int, int, int, int] | None:
     """The whole runs of True in ``rows`` as (first, period, length, count) when they are equally
-    long and equally spaced (the V rows of consecutive query groups); a run cut by either end of
-    ``rows`` is left out. None when there is no such run or they are irregular."""
+    long and equally spaced (the V rows of consecutive query groups); an edge run shorter than the
+    others (cut by that end of ``rows``) is left out, a lone run is taken as it is. None when there
+    is no such run or they are irregular."""
     edges = np.diff(np.concatenate(([0], rows.astype(np.int8), [0])))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     if starts.size == 0:

@@ -211,7 +211,7 @@ def _run_counting(runtime, steps, min_run=None, warmup=1, policy="default"):
                 group["foreach"] = True
     handle = install(engine.model, engine.optimizer, LongActConfig(warmup_steps=warmup, keep_ratio=0.3))
     assert all((t.strided_rows is None) == (policy == "contiguous") for t in handle._targets)
-    stepped, views = [], []
+    stepped = []
 
     def count(opt, args, kwargs):  # registered after LongAct's hook: sees what the step sees
         stepped.append(sum(p.numel() for g in opt.param_groups for p in g["params"]

@@ -98,7 +98,7 @@ def test_vllm_host_memory_counts_the_engines_of_a_node():
     shared = _run("qwen3_8b_grpo.yaml", "rollout.tensor_parallel_size=1")
     assert vllm_host_memory(shared, 4, 1, 4, 8) == dict(weights=weights, shared=True, engines_per_node=2,
                                                         held=2 * weights, push=2 * weights)
-    # TP 1 x DP 8: every GPU of a node hosts an engine.
+    # TP 1 x DP 16 on two nodes: every GPU hosts an engine, eight a node.
     assert vllm_host_memory(shared, 1, 1, 16, 8)["engines_per_node"] == 8
     plan = make_plan(shared, 2, 8)
     assert "all of it shared memory (/dev/shm) kept between pushes" in plan.numbers["host memory"]

@@ -78,13 +78,18 @@ def takes_strided_params(torch_opt) -> bool:
     return True
 
 
+def _true_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) indices of the runs of True in a 1-D bool array."""
+    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+
+
 def _regular_runs(rows: np.ndarray) -> tuple[int, int, int, int] | None:
     """The whole runs of True in ``rows`` as (first, period, length, count) when they are equally
     long and equally spaced (the V rows of consecutive query groups); an edge run shorter than the
     others (cut by that end of ``rows``) is left out, a lone run is taken as it is. None when there
     is no such run or they are irregular."""
-    edges = np.diff(np.concatenate(([0], rows.astype(np.int8), [0])))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    starts, ends = _true_runs(rows)
     if starts.size == 0:
         return None
     lengths = ends - starts
@@ -179,8 +184,7 @@ class _KeepPlan:
                     raise AssertionError("LongAct: rows to step as a strided view are not all kept")
                 self.strided = (off + first * width, (count, length * width), (period * width, 1))
                 kept = kept & ~in_view
-            edges = np.diff(np.concatenate(([0], kept.astype(np.int8), [0])))
-            run_start, run_end = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+            run_start, run_end = _true_runs(kept)
             long = (run_end - run_start) * width >= min_run
             runs.extend((off + int(a) * width, off + int(b) * width)
                         for a, b in zip(run_start[long], run_end[long]))

@@ -1,6 +1,6 @@
 """GPU acceptance check: does this stack work on this machine's NVIDIA GPUs?
 
-    bash launch/gpu_check.sh [--gpus N] [--steps 3] [--seq 8192] [--only a,b] [--skip a,b]
+    bash launch/gpu_check.sh [--gpus N] [--steps 3] [--seq 8192] [--only a,b] [--skip a,b] [--log-dir DIR]
 
 Without CUDA it says so and exits 1 before running anything. With CUDA it runs each check below in
 fresh worker processes (one per GPU where the check is distributed), times it, asserts its
@@ -56,6 +56,7 @@ class Options:
     seq: int = 8192
     iters: int = 5
     timeout: int = 240
+    log_dir: str | None = None
     checks: list[str] = field(default_factory=lambda: list(CHECKS))
 
 
@@ -69,6 +70,8 @@ def parse_args(argv: list[str]) -> Options:
     p.add_argument("--timeout", type=int, default=240, help="seconds per check")
     p.add_argument("--only", default="", help="comma-separated checks to run")
     p.add_argument("--skip", default="", help="comma-separated checks to skip")
+    p.add_argument("--log-dir", default=None,
+                   help="write each worker's whole output to DIR/<check>.rank<N>.log")
     a = p.parse_args(argv)
     for name in ("gpus", "steps", "seq", "iters", "timeout"):
         value = getattr(a, name)
@@ -89,7 +92,7 @@ def parse_args(argv: list[str]) -> Options:
     if not checks:
         p.error("--only/--skip: no check left to run")
     return Options(gpus=a.gpus, steps=a.steps, seq=a.seq, iters=a.iters, timeout=a.timeout,
-                   checks=checks)
+                   log_dir=a.log_dir, checks=checks)
 
 
 def cuda_status() -> tuple[int, str]:
@@ -162,6 +165,10 @@ def _launch(check: str, world: int, opts: Options, workdir: str) -> dict:
             out, _ = p.communicate()
         outputs.append(out or "")
     seconds = time.monotonic() - t0
+    if opts.log_dir:
+        Path(opts.log_dir).mkdir(parents=True, exist_ok=True)
+        for rank, out in enumerate(outputs):
+            (Path(opts.log_dir) / f"{check}.rank{rank}.log").write_text(out)
     result = parse_result(outputs[0])
     if timed_out:
         return {"check": check, "status": "FAIL", "seconds": seconds, "detail": f"timed out after {opts.timeout} s"}

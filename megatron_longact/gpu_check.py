@@ -239,7 +239,8 @@ def _worker_main(argv: list[str]) -> int:
 def _sync():
     import torch
 
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():  # the workers also run on the CPU runtime, to try them
+        torch.cuda.synchronize()
 
 
 def _model_yaml(workdir: Path, name: str, model: dict) -> Path:
@@ -290,7 +291,7 @@ def _check_rl(tp: int):
                 "data.ruler.num_samples": 64, "data.ruler.template": "compact",
                 "data.ruler.number_digits": 3, "data.ruler.lengths": "[160]",
                 "data.ruler.tasks": "[niah_single_1]", "rl.group_size": 4, "rl.prompts_per_step": 4,
-                "rl.max_new_tokens": 16, "rl.reward.function": "megatron_longact.tasks.rewards:prefix_match",
+                "rl.max_new_tokens": 16, "rl.reward.function": "megatron_longact.gpu_check:byte_value_score",
                 "checkpoint.resume": "none", "checkpoint.interval": 0,
                 "output.dir": str(workdir / f"out_tp{tp}")}
         cfg = load_run_config(run_yaml, [f"{k}={v}" for k, v in over.items()])
@@ -305,7 +306,7 @@ def _check_rl(tp: int):
             masks = trainer.handle.longact.local_qkv_row_masks()
             assert masks, "LongAct computed no mask"
             for (module, keep_P), w0 in zip(masks, before):
-                assert module.weight.is_cuda
+                assert module.weight.device.type == runtime.device.type, module.weight.device
                 frozen = ~keep_P.to(w0.device)
                 assert torch.equal(module.weight.detach()[frozen], w0[frozen]), "a frozen row moved"
                 # Kept rows move whenever the step had a gradient (all-equal rewards give none).
@@ -316,11 +317,23 @@ def _check_rl(tp: int):
         trainer.rl_step = rl_step_checked
         history = trainer.run()
         assert len(history) == opts.steps and all(v == v for h in history for v in h.values()), "NaN"
+        # The reward differs between the rows of a group, so every step has a gradient: a freeze
+        # that froze everything (or an optimizer that stepped nothing) would pass the check above.
+        assert any(kept_moved), f"no kept W_Q/W_K row moved in {len(kept_moved)} layer-steps"
         return {"status": "PASS", "detail": f"TP={tp}, {opts.steps} RL steps, bf16, frozen rows "
                                             f"bit-identical ({sum(frozen_checked)} row checks), kept "
                                             f"rows moved in {sum(kept_moved)}/{len(kept_moved)} layer-steps, "
                                             f"reward {history[-1].get('rl/reward', float('nan')):.3f}"}
     return run
+
+
+def byte_value_score(response: str, record) -> float:
+    """The rl checks' reward: the mean character code of the response, each capped at 255, over
+    255: in [0, 1]. A random model's responses differ in it, so every group has non-zero
+    advantages."""
+    if not response:
+        return 0.0
+    return sum(min(ord(c), 255) for c in response) / (255.0 * len(response))
 
 
 def _median_ms(fn, iters: int) -> float:
@@ -363,19 +376,23 @@ def _check_stats_overhead(opts: Options, workdir: Path) -> dict:
         model.zero_grad_buffer()
         model(tokens, pos, None, labels=tokens).float().mean().backward()
 
-    for _ in range(2):
+    # One controller, its statistics switched on and off per step as the trainer does between
+    # update passes and rollouts (hooks stay registered; off, they return at once).
+    la = LongAct(LongActConfig(), engine.model, engine.tconfig, LongActGroups())
+    for on_ in (False, True):
+        la.set_collecting(on_)
+        la.begin_microbatch()
         step()
+    la.end_step(0)
     off, on = [], []
     for i in range(opts.iters):
         for phase in (("off", "on") if i % 2 == 0 else ("on", "off")):
+            la.set_collecting(phase == "on")
+            la.begin_microbatch()
+            (on if phase == "on" else off).append(_median_ms(step, 1))
             if phase == "on":
-                la = LongAct(LongActConfig(), engine.model, engine.tconfig, LongActGroups())
-                la.begin_microbatch()
-                on.append(_median_ms(step, 1))
-                la.end_step(i)
-                la.remove()
-            else:
-                off.append(_median_ms(step, 1))
+                la.end_step(i + 1)
+    la.remove()
     import statistics
 
     a, b = statistics.median(off), statistics.median(on)

@@ -59,3 +59,10 @@ def test_shell_entry_point_refuses_on_this_cpu_machine():
                           text=True, timeout=120)
     assert proc.returncode == 1
     assert "sees no CUDA device" in proc.stderr and "Nothing was run" in proc.stderr
+
+
+def test_rl_check_reward_is_a_score_that_differs_between_responses():
+    scores = [gpu_check.byte_value_score(r, {}) for r in ("", "AAAA", "zzzz", "\ufffd\ufffd", "A\ufffd")]
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert scores[0] == 0.0 and scores[3] == 1.0 and scores[1] < scores[4] < scores[3]
+    assert scores[1] != scores[2]

@@ -76,6 +76,17 @@ SyncedState.__deepcopy__ = _deepcopy
 SyncedState.__copy__ = lambda self: SyncedState.copy(self)
 
 
+def to_device(arrays: list[np.ndarray], device) -> list[torch.Tensor]:
+    """Host arrays of one dtype as tensors on ``device``, moved in one host-to-device copy (views
+    of one buffer). On a GPU each copy is a driver call and a staging copy: a step that moves a
+    few small index arrays per layer would otherwise issue hundreds of them."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+    flat = torch.from_numpy(np.concatenate([np.ravel(a) for a in arrays])).to(device, non_blocking=True)
+    return [t.view(a.shape) for t, a in zip(torch.split(flat, [a.size for a in arrays]), arrays)]
+
+
 def capacity(n: int) -> int:
     """Rows a compact tensor is allocated with for ``n`` live rows: 1/8 slack, so that a mask
     change that adds a few rows does not reallocate."""
@@ -161,6 +172,7 @@ class CompactRows:
         """Make the compact set hold exactly the rows ``want`` (any order), moving only the rows
         that leave (written back to the full tensors ``full_mid``) or enter (read from them).
         Index arithmetic is done in numpy: these are a few small host arrays per layer."""
+        want = np.asarray(want, dtype=np.int64)
         cur, n, total_rows = self.rows, self.n, self.mid[1]
         if self.moments and set(self.moments) != set(full_mid):
             raise RuntimeError(f"LongAct: optimizer state keys changed from {sorted(self.moments)} "
@@ -174,11 +186,6 @@ class CompactRows:
         leave_slots = np.flatnonzero(~stay)
         if leave_slots.size == 0 and enter.size == 0 and set(self.moments) == set(full_mid):
             return
-        dev = self._index
-        if leave_slots.size and self.newer:
-            leave_dev, rows_dev = dev(leave_slots), dev(cur[leave_slots])
-            for k, storage in self.moments.items():
-                full_mid[k].index_copy_(0, rows_dev, storage.index_select(0, leave_dev))
         n_new = int(stay.sum()) + enter.size
         # Free slots below n_new take the entering rows, then the live rows from slots >= n_new.
         free = np.concatenate([leave_slots, np.arange(n, max(n, n_new))])
@@ -188,6 +195,13 @@ class CompactRows:
         rows = np.concatenate([cur, np.zeros(max(0, n_new - n), dtype=np.int64)])
         rows[to_move] = cur[movers]
         rows[to_enter] = enter
+        rows = rows[:n_new]
+        # every index of this retarget in one host-to-device copy
+        leave_dev, leave_rows_dev, to_move_dev, movers_dev, to_enter_dev, enter_dev, rows_dev = to_device(
+            [leave_slots, cur[leave_slots], to_move, movers, to_enter, enter, rows], self.device)
+        if leave_slots.size and self.newer:
+            for k, storage in self.moments.items():
+                full_mid[k].index_copy_(0, leave_rows_dev, storage.index_select(0, leave_dev))
         for k in full_mid:
             storage = self.moments.get(k)
             if storage is None or storage.shape[0] < n_new:
@@ -197,16 +211,12 @@ class CompactRows:
                     grown[:n].copy_(storage[:n])
                 storage = self.moments[k] = grown
             if movers.size:
-                storage.index_copy_(0, dev(to_move), storage.index_select(0, dev(movers)))
+                storage.index_copy_(0, to_move_dev, storage.index_select(0, movers_dev))
             if enter.size:
-                storage.index_copy_(0, dev(to_enter), full_mid[k].index_select(0, dev(enter)))
-        self.set_rows(rows[:n_new])
+                storage.index_copy_(0, to_enter_dev, full_mid[k].index_select(0, enter_dev))
+        self.set_rows(rows, rows_dev)
 
-    def set_rows(self, rows: np.ndarray) -> None:
+    def set_rows(self, rows: np.ndarray, rows_dev: torch.Tensor | None = None) -> None:
+        """The rows of the compact slots (host), and the same as an index on the state's device."""
         self.rows = np.ascontiguousarray(rows, dtype=np.int64)
-        self.rows_dev = self._index(self.rows)
-
-    def _index(self, a: np.ndarray) -> torch.Tensor:
-        """A host index array as an index tensor on the state's device."""
-        t = torch.from_numpy(a)
-        return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
+        self.rows_dev = to_device([self.rows], self.device)[0] if rows_dev is None else rows_dev

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from megatron_longact.longact.config import LongActConfig
@@ -99,7 +100,9 @@ class LongAct:
         if self.collector is None:
             return False
         g = self.groups
-        stats = self.collector.reduce(dp_cp_group=g.dp_cp, tp_group=g.tp, pp_group=g.pp)
+        # On the accumulators' device: the EMA and the top-k run there (on a GPU node a few
+        # kernels), and only the masks come back to the host (docs/method.md, "The mask").
+        stats = self.collector.reduce(dp_cp_group=g.dp_cp, tp_group=g.tp, pp_group=g.pp, on_host=False)
         self._last_extremes = stat_extremes(stats)
         self.last_tokens_L = stats.tokens_L  # [L] tokens each layer counted this step
         self.last_stats = stats if self.retain_stats else None
@@ -123,8 +126,10 @@ class LongAct:
         if not self.state.active:
             return []
         layers = [layer for model in self.gpt_models for layer in model.decoder.layers]
-        idx = torch.tensor([layer.layer_number - 1 for layer in layers], dtype=torch.long)
-        rows_LP = self.geometry.local_row_mask(self.state.q_keep_LC[idx], self.state.k_keep_LC[idx],
+        idx = np.array([layer.layer_number - 1 for layer in layers], dtype=np.int64)
+        # host arithmetic in numpy (small arrays every step; no torch CPU kernels on a GPU node)
+        rows_LP = self.geometry.local_row_mask(self.state.q_keep_LC.numpy()[idx],
+                                               self.state.k_keep_LC.numpy()[idx],
                                                self.groups.tp_rank, self.groups.tp_size)
         return [(layer.self_attention.linear_qkv, rows_LP[i]) for i, layer in enumerate(layers)]
 
@@ -164,7 +169,7 @@ def _kept_bytes(state: MaskState, extremes: dict | None, tokens_L: torch.Tensor 
                 collector: StatsCollector | None) -> int:
     """Bytes of what a controller keeps between steps (one count for the live controller and for
     the planner's estimate)."""
-    tensors = [t for t in state.state_dict().values() if torch.is_tensor(t)]
+    tensors = [t for t in (getattr(state, key) for key in state._KEYS) if torch.is_tensor(t)]
     if extremes is not None:
         tensors += [t for pair in extremes.values() for t in pair]
     if tokens_L is not None:

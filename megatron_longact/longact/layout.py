@@ -20,6 +20,13 @@ import numpy as np
 import torch
 
 
+def _host_bool(mask) -> np.ndarray:
+    """A bool mask (numpy array or tensor on any device) as a host numpy array."""
+    if isinstance(mask, np.ndarray):
+        return mask.astype(bool, copy=False)
+    return mask.detach().cpu().numpy().astype(bool, copy=False)
+
+
 @dataclass(frozen=True)
 class QKGeometry:
     num_layers: int
@@ -84,10 +91,11 @@ class QKGeometry:
 
     def row_mask(self, q_keep_C: torch.Tensor, k_keep_C: torch.Tensor) -> torch.Tensor:
         """[R] bool global-row mask of one layer: True = the row is updated. V rows are always
-        updated; q/k rows follow the channel masks. Also accepts [L, C] masks -> [L, R]."""
+        updated; q/k rows follow the channel masks. Also accepts [L, C] masks -> [L, R]. The
+        masks may be tensors or numpy arrays; the result is a host tensor."""
         rows = np.ones((*q_keep_C.shape[:-1], self.qkv_rows), dtype=bool)  # host arithmetic
-        rows[..., self._q_rows_np] = q_keep_C.detach().to(torch.bool).cpu().numpy()
-        rows[..., self._k_rows_np] = k_keep_C.detach().to(torch.bool).cpu().numpy()
+        rows[..., self._q_rows_np] = _host_bool(q_keep_C)
+        rows[..., self._k_rows_np] = _host_bool(k_keep_C)
         return torch.from_numpy(rows)
 
     def local_row_mask(self, q_keep_C, k_keep_C, tp_rank: int, tp_size: int) -> torch.Tensor:

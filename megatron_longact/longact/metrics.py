@@ -26,8 +26,8 @@ def step_metrics(state: MaskState, stats) -> dict[str, float]:
     """
     out: dict[str, float] = {"longact/mask_active": float(state.active)}
     if state.active:
-        out["longact/kept_fraction_q"] = float(state.q_keep_LC.float().mean())
-        out["longact/kept_fraction_k"] = float(state.k_keep_LC.float().mean())
+        out["longact/kept_fraction_q"] = float(state.q_keep_LC.numpy().mean())
+        out["longact/kept_fraction_k"] = float(state.k_keep_LC.numpy().mean())
         for which, jac in (("q", state.churn_q_L), ("k", state.churn_k_L)):
             if jac is None:  # no earlier mask to compare with
                 continue

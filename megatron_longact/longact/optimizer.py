@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from megatron_longact.compat import MainParamRef, main_param_refs
-from megatron_longact.longact.compact_state import CompactRows, SyncedState, compact_rows_bytes
+from megatron_longact.longact.compact_state import CompactRows, SyncedState, compact_rows_bytes, to_device
 from megatron_longact.longact.config import LongActConfig
 from megatron_longact.longact.controller import LongAct, LongActGroups, megatron_groups
 from megatron_longact.longact.layout import QKGeometry
@@ -203,8 +203,11 @@ class _KeepPlan:
                 runs.append((0, n))
             self.has_head, self.has_tail = False, True
             frozen = ~keep[start // width:start // width + 1]
-        # 1.0 for each frozen piece, in the order of row_norms
-        self.frozen_weights = torch.from_numpy(frozen.astype(np.float64)).to(device)
+        # 1.0 for each frozen piece, in the order of row_norms (``device=None``: left on the host
+        # for the caller to move, :func:`to_device`)
+        self.frozen_weights = torch.from_numpy(frozen.astype(np.float64))
+        if device is not None:
+            self.frozen_weights = self.frozen_weights.to(device)
         self.runs = runs
         self.gather_rows = gather_rows.astype(np.int64)  # host indices; CompactRows moves them
 
@@ -258,9 +261,10 @@ class _Target:
         self.frozen_rows: torch.Tensor | None = None  # TP-local indices of the frozen rows
 
     def keep_plan(self, keep_rows_P: torch.Tensor) -> _KeepPlan:
+        """The shard's keep plan, its ``frozen_weights`` still on the host."""
         main = self.ref.main_param
         return _KeepPlan(self.ref.flat_start, main.numel(), self.row_width, keep_rows_P.cpu(),
-                         main.device, strided_rows=self.strided_rows)
+                         None, strided_rows=self.strided_rows)
 
 
 def _plain_state(torch_opt, state_dict: dict) -> dict:
@@ -359,13 +363,7 @@ class LongActHandle:
         rows = self.longact.local_qkv_row_masks()
         freezing = self.cfg.strategy != "none" and bool(rows)
         if freezing and self._plans_step != self.longact.state.last_mask_step:
-            # Shard-local keep plans (for the main params and state) and TP-local frozen row
-            # indices (for the gradients), rebuilt only when the mask changes.
-            self._freeze_plans = {
-                id(t): (t.keep_plan(rows[t.row_slot][1]),
-                        torch.from_numpy(np.flatnonzero(~rows[t.row_slot][1].cpu().numpy()))
-                        .to(t.ref.model_param.device))
-                for t in self._targets}
+            self._freeze_plans = self._make_freeze_plans(rows)
             self._plans_step = self.longact.state.last_mask_step
         for t in self._targets:
             t.plan, t.frozen_rows = self._freeze_plans[id(t)] if freezing else (None, None)
@@ -383,6 +381,24 @@ class LongActHandle:
             self._swapped.clear()
         self.step_count += 1
         return result
+
+    def _make_freeze_plans(self, rows) -> dict[int, tuple[_KeepPlan, torch.Tensor]]:
+        """Per target: the shard-local keep plan (for the main params and state) and the TP-local
+        frozen row indices (for the gradients), rebuilt only when the mask changes. Host
+        arithmetic; what the device needs goes there in two copies per device for all targets."""
+        plans = {id(t): t.keep_plan(rows[t.row_slot][1]) for t in self._targets}
+        frozen = {id(t): np.flatnonzero(~rows[t.row_slot][1].cpu().numpy()) for t in self._targets}
+        by_device: dict[torch.device, list[_Target]] = {}
+        for t in self._targets:
+            by_device.setdefault(t.ref.model_param.device, []).append(t)
+        out = {}
+        for device, targets in by_device.items():
+            weights = to_device([plans[id(t)].frozen_weights.numpy() for t in targets], device)
+            indices = to_device([frozen[id(t)] for t in targets], device)
+            for t, w, idx in zip(targets, weights, indices):
+                plans[id(t)].frozen_weights = w
+                out[id(t)] = (plans[id(t)], idx)
+        return out
 
     def _zero_frozen_grads(self, rows) -> torch.Tensor:
         """Zero frozen rows of the model gradients; return [total, removed] squared linear_qkv

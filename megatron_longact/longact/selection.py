@@ -35,17 +35,19 @@ def _keep_highest(x_NC: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_rows(scores_NC: torch.Tensor, k: int, strategy: str, *, seed: int = 0) -> torch.Tensor:
-    """[N, C] bool: keep ``k`` channels in each row of ``scores_NC`` by ``strategy``.
+    """[N, C] bool: keep ``k`` channels in each row of ``scores_NC`` by ``strategy``, on the
+    scores' device. Every operation is exact (selection, comparisons, integer counts), so a GPU and
+    the CPU select the same channels from the same scores.
 
     topk keeps the highest scores, bottomk the lowest (ties: lower index first), random a seeded
     uniformly random set of k per row, none keeps everything.
     """
     N, C = scores_NC.shape
     if strategy == "none":
-        return torch.ones(N, C, dtype=torch.bool)
-    if strategy == "random":
+        return torch.ones(N, C, dtype=torch.bool, device=scores_NC.device)
+    if strategy == "random":  # drawn on the host, so that every device draws the same set
         gen = torch.Generator().manual_seed(seed)
-        return _keep_highest(torch.rand(N, C, generator=gen), k)
+        return _keep_highest(torch.rand(N, C, generator=gen).to(scores_NC.device), k)
     if strategy == "topk":
         return _keep_highest(scores_NC, k)
     if strategy == "bottomk":

@@ -33,10 +33,11 @@ def unpack_mask(bits_LB: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def jaccard_L(a_LC: torch.Tensor, b_LC: torch.Tensor) -> torch.Tensor:
-    """[L] Jaccard similarity of two boolean masks, per layer (1.0 where both are empty)."""
-    inter = (a_LC & b_LC).sum(dim=1).double()
-    union = (a_LC | b_LC).sum(dim=1).double()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    """[L] Jaccard similarity of two boolean host masks, per layer (1.0 where both are empty)."""
+    a, b = a_LC.cpu().numpy(), b_LC.cpu().numpy()
+    inter = (a & b).sum(axis=1).astype(np.float64)
+    union = (a | b).sum(axis=1).astype(np.float64)
+    return torch.from_numpy(np.where(union > 0, inter / np.maximum(union, 1.0), 1.0))
 
 
 class MaskState:
@@ -88,7 +89,10 @@ class MaskState:
         is kept, since one top-k spans all layers). With no previous mask to keep, the step raises.
         """
         decay = self.cfg.ema
+        # The statistics may live on a GPU: the EMA and the selection run there; the host gets
+        # the empty-layer flags and the masks (two or three small copies).
         empty_L = stats.tokens_L.to(torch.float64) == 0
+        empty = empty_L.cpu().numpy()
         if decay == 0.0:
             # This step's statistics alone rank the channels. An empty layer's all-zero rows are
             # ranked too, but its previous mask replaces the result below.
@@ -96,19 +100,20 @@ class MaskState:
         else:
             if self.ema_q_LC is None:
                 new_q, new_k = stats.q_LC.clone(), stats.k_LC.clone()
-            else:
-                new_q = decay * self.ema_q_LC + (1.0 - decay) * stats.q_LC
-                new_k = decay * self.ema_k_LC + (1.0 - decay) * stats.k_LC
-                if bool(empty_L.any()):
-                    new_q[empty_L], new_k[empty_L] = self.ema_q_LC[empty_L], self.ema_k_LC[empty_L]
+            else:  # a loaded EMA is on the host; it moves to the statistics' device once
+                old_q, old_k = self.ema_q_LC.to(stats.q_LC.device), self.ema_k_LC.to(stats.k_LC.device)
+                new_q = decay * old_q + (1.0 - decay) * stats.q_LC
+                new_k = decay * old_k + (1.0 - decay) * stats.k_LC
+                if empty.any():
+                    new_q[empty_L], new_k[empty_L] = old_q[empty_L], old_k[empty_L]
             self.ema_q_LC, self.ema_k_LC = new_q, new_k
             sel_q, sel_k = new_q, new_k
         self.steps_seen = step + 1
         if not self._due(step):
             return False
         ranked = self.cfg.strategy in ("topk", "bottomk")
-        if ranked and bool(empty_L.any()):
-            layers = empty_L.nonzero().flatten().tolist()
+        if ranked and empty.any():
+            layers = np.flatnonzero(empty).tolist()
             if self.q_bits_LB is None:
                 raise RuntimeError(
                     f"LongAct: attention layers {layers} (global index) saw no token in step {step} and "
@@ -120,8 +125,10 @@ class MaskState:
         q_keep, k_keep = select_channels(
             sel_q, sel_k, self.geometry, keep_ratio=self.cfg.keep_ratio,
             scope=self.cfg.scope, strategy=self.cfg.strategy, seed=self.cfg.seed, step=step)
-        if ranked and bool(empty_L.any()):
-            q_keep[empty_L], k_keep[empty_L] = self.q_keep_LC[empty_L], self.k_keep_LC[empty_L]
+        q_keep, k_keep = q_keep.cpu(), k_keep.cpu()
+        if ranked and empty.any():
+            host_empty = torch.from_numpy(empty)
+            q_keep[host_empty], k_keep[host_empty] = self.q_keep_LC[host_empty], self.k_keep_LC[host_empty]
         self._set_masks(q_keep, k_keep)
         self.last_mask_step = step
         return True
@@ -134,7 +141,8 @@ class MaskState:
              "steps_seen", "last_mask_step")
 
     def state_dict(self) -> dict:
-        return {"format": 2, **{key: getattr(self, key) for key in self._KEYS}}
+        """Host tensors (the EMA lives on the statistics' device between steps)."""
+        return {"format": 2, **{key: _on_host(getattr(self, key)) for key in self._KEYS}}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("format") != 2:
@@ -145,6 +153,10 @@ class MaskState:
             setattr(self, key, sd[key])
         if self.cfg.ema == 0.0:
             self.ema_q_LC = self.ema_k_LC = None  # not used with ema = 0
+
+
+def _on_host(value):
+    return value.cpu() if torch.is_tensor(value) else value
 
 
 def _from_bool_layout(sd: dict) -> dict:

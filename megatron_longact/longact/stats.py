@@ -254,8 +254,10 @@ class StatsCollector:
 
     # -- reduction ---------------------------------------------------------------------------
     def reduce(self, *, dp_cp_group=None, tp_group=None, pp_group=None,
-               reset: bool = True) -> GlobalStats:
-        """Global statistics of the step, identical on every rank.
+               reset: bool = True, on_host: bool = True) -> GlobalStats:
+        """Global statistics of the step, identical on every rank; on the host, or with
+        ``on_host=False`` where the accumulators live (the GPU on a GPU node, so that the selection
+        runs there too and only the masks come back to the host).
 
         1. Sum (max for max_abs) the accumulators and token counts over ``dp_cp_group``: the
            statistic of the whole global batch.
@@ -300,6 +302,8 @@ class StatsCollector:
                     collectives.all_reduce(t, group)
         if reset:
             self.reset()
+        if not on_host:
+            return GlobalStats(q_LC, k_LC, tokens_L, v_LC)
         return GlobalStats(q_LC.cpu(), k_LC.cpu(), tokens_L.cpu(),
                            None if v_LC is None else v_LC.cpu())
 

@@ -41,6 +41,21 @@ import torch
 import torch.nn.functional as F
 
 
+def _backends_for(query: torch.Tensor, sq: int, sk: int):
+    """The SDPA backends a call may use. A cached forward (``sq != sk``: each decode step, each
+    chunk of a prefill) has a new key length every call. On CUDA, PyTorch prefers cuDNN's
+    attention on Hopper, and cuDNN builds an execution plan for every new shape: about 15 ms of
+    host time a call on an H200, against well under a millisecond of attention, which made
+    generation 30x slower than its kernels. Those calls therefore use flash, memory-efficient or
+    math attention, which need no plan; calls with ``sq == sk`` (training, the first prefill) keep
+    PyTorch's choice, cuDNN included, whose plans are cached per shape."""
+    if not query.is_cuda or sq == sk:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def _causal_keep(sq: int, sk: int, device) -> torch.Tensor:
     """[sq, sk] bool, True where query i (at key position sk - sq + i) may see key j."""
     q_pos = torch.arange(sk - sq, sk, device=device)
@@ -120,9 +135,10 @@ class SDPADotProductAttention(torch.nn.Module):
                                                      is_causal=causal, scale=self.softmax_scale,
                                                      enable_gqa=self.heads != self.groups)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal,
-                                                 scale=self.softmax_scale,
-                                                 enable_gqa=self.heads != self.groups)
+            with _backends_for(query, sq, sk):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal,
+                                                     scale=self.softmax_scale,
+                                                     enable_gqa=self.heads != self.groups)
         # [b, n, sq, d] -> [sq, b, n * d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
 

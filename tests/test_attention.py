@@ -146,3 +146,21 @@ def test_core_attention_config_is_checked():
         ModelConfig(family="qwen3", num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                     num_query_groups=2, vocab_size=263, max_position_embeddings=128, qk_layernorm=True,
                     core_attention="flash")
+
+
+def test_cached_forwards_on_cuda_leave_out_cudnn_attention():
+    """cuDNN builds an execution plan per shape: a decode step (sq != sk) on CUDA must not use it."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from megatron_longact.models.attention import _backends_for
+
+    cuda_query = SimpleNamespace(is_cuda=True)
+    assert isinstance(_backends_for(cuda_query, 4, 4), contextlib.nullcontext)  # training: torch picks
+    assert isinstance(_backends_for(torch.zeros(1), 1, 9), contextlib.nullcontext)  # CPU
+    with _backends_for(cuda_query, 1, 9):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 9, 8)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, k, enable_gqa=True)
+        assert out.shape == (1, 4, 1, 8)

@@ -155,3 +155,15 @@ def test_compact_state_across_changing_masks_equals_writing_it_back_every_step(d
             for x, y in zip(ta, tb):
                 assert torch.equal(x, y)
         assert a["plain_dicts"] and a["saved_state_types"] == {dict}
+
+
+def test_index_arrays_reach_the_device_in_one_copy_with_their_values_and_shapes():
+    from megatron_longact.longact.compact_state import _in_one_copy, to_device
+
+    arrays = [np.array([3, 1, 2]), np.zeros(0, dtype=np.int64), np.arange(6).reshape(2, 3), np.array([7])]
+    for out in (to_device(arrays, "cpu"), _in_one_copy(arrays, torch.device("cpu"))):
+        assert [tuple(t.shape) for t in out] == [a.shape for a in arrays]
+        assert all(np.array_equal(t.numpy(), a) for t, a in zip(out, arrays))
+    # the batched path: views of one buffer, not one tensor per array
+    out = _in_one_copy(arrays, torch.device("cpu"))
+    assert len({t.untyped_storage().data_ptr() for t in out}) == 1

@@ -83,6 +83,10 @@ def to_device(arrays: list[np.ndarray], device) -> list[torch.Tensor]:
     device = torch.device(device)
     if device.type == "cpu":
         return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+    return _in_one_copy(arrays, device)
+
+
+def _in_one_copy(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
     flat = torch.from_numpy(np.concatenate([np.ravel(a) for a in arrays])).to(device, non_blocking=True)
     return [t.view(a.shape) for t, a in zip(torch.split(flat, [a.size for a in arrays]), arrays)]
 

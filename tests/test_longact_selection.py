@@ -277,3 +277,44 @@ def test_llama70b_mask_state_is_small():
                               torch.ones(80)), t)
     held = sum(v.numel() * v.element_size() for v in st.state_dict().values() if torch.is_tensor(v))
     assert held == 80 * (8192 + 1024) // 8 + 2 * 80 * 8
+
+
+def test_statistics_hooks_issue_few_kernels_per_tensor():
+    """On a GPU every operation of the hooks is a kernel launch, for q and k of every layer of every
+    micro-batch: the default statistic takes the fp32 copy, |x| and one product that adds into the
+    accumulator (plus the token count once per layer)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron_longact.longact.stats import StatsCollector
+
+    free = {"aten.view", "aten.slice", "aten.select", "aten.detach", "aten.alias", "aten._reshape_alias",
+            "aten.empty", "aten.expand", "aten.t", "aten.transpose", "aten.as_strided", "aten.unsqueeze"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket) not in free:
+                self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    geo = QKGeometry(2, 4, 2, 16)
+    collector = StatsCollector([], geo)
+    collector.set_layer_slots([0, 1])
+    q = torch.randn(32, 2, 4, 16, dtype=torch.bfloat16)
+    k = torch.randn(32, 2, 2, 16, dtype=torch.bfloat16)
+    collector.begin_microbatch(torch.rand(32, 2) > 0.3)
+    collector._observe(0, "q", q)  # the micro-batch's mask is made once
+    with Count() as counted:
+        collector._observe(1, "q", q)
+        collector._observe(1, "k", k)
+    assert len(counted.ops) <= 7, counted.ops
+    # and the sums are the masked sums of |x|
+    mask = collector._mask(32, 2, q.device)[0]
+    want_q = (q.float().abs() * mask[:, :, None, None]).sum(dim=(0, 1)).reshape(-1)
+    want_k = (k.float().abs() * mask[:, :, None, None]).sum(dim=(0, 1)).reshape(-1)
+    torch.testing.assert_close(collector._q[1], want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(collector._k[1], want_k, rtol=1e-5, atol=1e-5)
+    assert collector._count[1].item() == mask.sum().item()

@@ -73,9 +73,17 @@ class StatsCollector:
         heads, groups, owner = geometry.local_heads(tp_rank, tp_size)
         D = geometry.head_dim
         # Global channel indices of this rank's local heads/groups, flattened as [heads * D].
-        self._q_idx = (heads[:, None] * D + torch.arange(D)).reshape(-1)
-        self._k_idx = (groups[:, None] * D + torch.arange(D)).reshape(-1)
-        self._k_owner = owner.repeat_interleave(D)
+        q_idx = (heads[:, None] * D + torch.arange(D)).reshape(-1)
+        k_idx = (groups[:, None] * D + torch.arange(D)).reshape(-1)
+        # A rank's heads and groups are consecutive, so its channels are one range of the global
+        # channels: a micro-batch's sum is added to that slice by the product itself (addmm_).
+        # With fewer key groups than TP ranks a rank computes one group, and only its owner
+        # reports it: the other ranks add nothing for K (and V).
+        self._q_range = _as_range(q_idx)
+        self._k_range = _as_range(k_idx)
+        self._k_reports = bool(owner.all())
+        if not (self._k_reports or not owner.any()):
+            raise AssertionError("LongAct: a TP rank owns only some of its key groups")
         self._layers: list[int] = []  # global layer index of each stage-local slot
         self._handles = []
         self._device = None
@@ -157,7 +165,7 @@ class StatsCollector:
     def _to_device(self, device: torch.device) -> None:
         # Accumulate where the activations live: no host sync inside the forward pass.
         self._device = device
-        for name in ("_q", "_k", "_v", "_count", "_q_idx", "_k_idx", "_k_owner"):
+        for name in ("_q", "_k", "_v", "_count"):
             setattr(self, name, getattr(self, name).to(device))
 
     def begin_microbatch(self, token_mask_SB: torch.Tensor | None = None) -> None:
@@ -194,43 +202,49 @@ class StatsCollector:
         self._seen[key] = self._mb_id
         if self._q.device != x_SBND.device:
             self._to_device(x_SBND.device)
+        if which != "q" and not self._k_reports:
+            return  # this rank's key group is reported by another TP rank
+        target = self._q if which == "q" else self._k if which == "k" else self._v
+        lo, hi = self._q_range if which == "q" else self._k_range
+        # Few kernels per call: on a GPU each is a launch, and these run for q and k of every
+        # layer of every micro-batch.
         with torch.no_grad():
+            S, B = x_SBND.shape[:2]
+            mask, tokens = self._mask(S, B, x_SBND.device)
+            if which == "q":
+                self._count[slot:slot + 1].add_(tokens)  # in place on the view: one kernel
             x = x_SBND.detach()
-            own = x.dtype != torch.float32  # .float() copies: the copy may be overwritten
-            x = x.float()
             # RoPE pair norms: both channels of a rotated pair get the pair's norm; the statistic
             # is computed on the D/2 pairs and duplicated afterwards (on [heads, D], not on the
             # activations). sqrt(a^2 + b^2) rather than torch.hypot: the same to an ulp for any
             # activation below 1e19, and hypot's scaling makes it 2-3x slower on the CPU.
             paired = self.point == "post_rope" and which != "v"
             if paired:
+                own = x.dtype != torch.float32  # .float() copies: the copy may be overwritten
+                x = x.float()
                 half = x.shape[-1] // 2
                 sq = x.square_() if own else x.square()
                 x = (sq[..., :half] + sq[..., half:]).sqrt_()
-            else:
-                x = x.abs_() if own else x.abs()
-            S, B = x.shape[:2]
-            mask, tokens = self._mask(S, B, x.device)
+            else:  # |x| in fp32 (abs is exact in any dtype; in place on a converted copy)
+                x = x.float().abs_() if x.dtype != torch.float32 else x.abs()
             if self.stat == "max_abs":
                 value_ND = (x * mask[:, :, None, None]).amax(dim=(0, 1))
+            elif not paired:
+                xx = x.square_() if self.stat == "rms" else x
+                # sum over (s, b) of mask * xx as one [1, S*B] x [S*B, N*D] product added to the
+                # accumulator slice (einsum's permutes cost 2-3x as much on the CPU)
+                target[slot, lo:hi].view(1, -1).addmm_(mask.reshape(1, S * B), xx.reshape(S * B, -1))
+                return
             else:
                 xx = x.square_() if self.stat == "rms" else x
-                # sum over (s, b) of mask * xx as one [1, S*B] x [S*B, N*D] product (einsum's
-                # permutes cost 2-3x as much on the CPU)
                 value_ND = (mask.reshape(1, S * B) @ xx.reshape(S * B, -1)).view(xx.shape[2:])
             if paired:
                 value_ND = torch.cat([value_ND, value_ND], dim=-1)
             value = value_ND.reshape(-1)
-            if which == "q":
-                target, idx = self._q, self._q_idx
-                self._count[slot] += tokens
-            else:
-                target, idx = (self._k, self._k_idx) if which == "k" else (self._v, self._k_idx)
-                value = value * self._k_owner  # a shared key group is reported by its owner only
             if self.stat == "max_abs":
-                target[slot, idx] = torch.maximum(target[slot, idx], value)
+                torch.maximum(target[slot, lo:hi], value, out=target[slot, lo:hi])
             else:
-                target[slot].index_add_(0, idx, value)  # idx: distinct channels
+                target[slot, lo:hi] += value
 
     def _mask(self, S: int, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The micro-batch's token mask [S, B] as fp32 on ``device`` and its token count (fp64),
@@ -306,6 +320,14 @@ class StatsCollector:
             return GlobalStats(q_LC, k_LC, tokens_L, v_LC)
         return GlobalStats(q_LC.cpu(), k_LC.cpu(), tokens_L.cpu(),
                            None if v_LC is None else v_LC.cpu())
+
+
+def _as_range(idx: torch.Tensor) -> tuple[int, int]:
+    """(first, end) of consecutive channel indices."""
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    if hi - lo != idx.numel() or not torch.equal(idx, torch.arange(lo, hi)):
+        raise AssertionError(f"LongAct: a rank's channels are not consecutive ({idx.tolist()[:8]}...)")
+    return lo, hi
 
 
 def _size(group) -> int:

@@ -78,8 +78,11 @@ SyncedState.__copy__ = lambda self: SyncedState.copy(self)
 
 def to_device(arrays: list[np.ndarray], device) -> list[torch.Tensor]:
     """Host arrays of one dtype as tensors on ``device``, moved in one host-to-device copy (views
-    of one buffer). On a GPU each copy is a driver call and a staging copy: a step that moves a
-    few small index arrays per layer would otherwise issue hundreds of them."""
+    of one buffer). On a GPU each copy is a driver call: a step that moves a few small index arrays
+    per layer would otherwise issue hundreds of them. The copy goes through pinned memory, so it is
+    truly asynchronous: from pageable memory the driver may first wait for the stream, which would
+    make every layer's copy wait for the kernels queued before it. PyTorch's host allocator keeps
+    the pinned block until the copy has run."""
     device = torch.device(device)
     if device.type == "cpu":
         return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
@@ -87,7 +90,10 @@ def to_device(arrays: list[np.ndarray], device) -> list[torch.Tensor]:
 
 
 def _in_one_copy(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    flat = torch.from_numpy(np.concatenate([np.ravel(a) for a in arrays])).to(device, non_blocking=True)
+    flat = torch.from_numpy(np.concatenate([np.ravel(a) for a in arrays]))
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
     return [t.view(a.shape) for t, a in zip(torch.split(flat, [a.size for a in arrays]), arrays)]
 
 

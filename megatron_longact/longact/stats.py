@@ -85,6 +85,7 @@ class StatsCollector:
         if not (self._k_reports or not owner.any()):
             raise AssertionError("LongAct: a TP rank owns only some of its key groups")
         self._layers: list[int] = []  # global layer index of each stage-local slot
+        self._layers_dev: torch.Tensor | None = None  # the same on the accumulators' device
         self._handles = []
         self._device = None
         self._mb_id = 0
@@ -104,6 +105,7 @@ class StatsCollector:
         attn = layer.self_attention
         slot = len(self._layers)
         self._layers.append(layer.layer_number - 1)
+        self._layers_dev = None
         if self.point == "pre_rope":
             for which, module in (("q", attn.q_layernorm), ("k", attn.k_layernorm)):
                 if not isinstance(module, torch.nn.Module):
@@ -160,6 +162,7 @@ class StatsCollector:
         if self._handles:
             raise RuntimeError("set_layer_slots: this collector has hooks on a model's layers")
         self._layers = list(layers)
+        self._layers_dev = None
         self.reset()
 
     def _to_device(self, device: torch.device) -> None:
@@ -303,7 +306,7 @@ class StatsCollector:
         k_LC = torch.zeros(L, self.geometry.k_channels, device=device)
         v_LC = None if v is None else torch.zeros(L, self.geometry.k_channels, device=device)
         tokens_L = torch.zeros(L, dtype=torch.float64, device=device)
-        layers = torch.tensor(self._layers, dtype=torch.long, device=device)
+        layers = self._layer_index(device)
         q_LC[layers] = q
         k_LC[layers] = k
         if v_LC is not None:
@@ -320,6 +323,15 @@ class StatsCollector:
             return GlobalStats(q_LC, k_LC, tokens_L, v_LC)
         return GlobalStats(q_LC.cpu(), k_LC.cpu(), tokens_L.cpu(),
                            None if v_LC is None else v_LC.cpu())
+
+
+    def _layer_index(self, device) -> torch.Tensor:
+        """The global layer index of each slot, on ``device`` (made once: a host-to-device copy
+        per step would wait for the stream)."""
+        cached = self._layers_dev
+        if cached is None or cached.device != torch.device(device):
+            cached = self._layers_dev = torch.tensor(self._layers, dtype=torch.long, device=device)
+        return cached
 
 
 def _as_range(idx: torch.Tensor) -> tuple[int, int]:

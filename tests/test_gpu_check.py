@@ -66,3 +66,18 @@ def test_rl_check_reward_is_a_score_that_differs_between_responses():
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert scores[0] == 0.0 and scores[3] == 1.0 and scores[1] < scores[4] < scores[3]
     assert scores[1] != scores[2]
+
+
+def test_rl_check_worker_runs_and_asserts_on_the_cpu_runtime(tmp_path):
+    """The rl check as the script launches it (a worker process, its result line and log), on
+    the CPU runtime: a GPU session should not be the first to find the check broken. Two RL steps
+    of the small model; frozen rows must stay put and kept rows must move."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the worker would run there")
+    opts = gpu_check.Options(steps=2, timeout=300, log_dir=str(tmp_path / "logs"))
+    row = gpu_check._launch("rl_tp1", 1, opts, str(tmp_path))
+    assert row["status"] == "PASS", row
+    assert "frozen rows bit-identical" in row["detail"] and "kept rows moved in 8/8" in row["detail"], row
+    assert "GPU_CHECK_RESULT" in (tmp_path / "logs" / "rl_tp1.rank0.log").read_text()

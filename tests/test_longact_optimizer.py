@@ -295,7 +295,7 @@ def test_keep_plan_covers_exactly_the_kept_entries(start, n, min_run):
 
     width, keep = 8, torch.tensor([True, False, True, True, False])
     kept_elems = keep.repeat_interleave(width)[start:start + n]
-    plan = _KeepPlan(start, n, width, keep, torch.device("cpu"), min_run=min_run)
+    plan = _KeepPlan(start, n, width, keep, min_run=min_run)
     flat = torch.zeros(n)
     for view in plan.views(flat):
         view.add_(1.0)
@@ -329,7 +329,7 @@ def test_keep_plan_steps_the_v_rows_as_one_strided_view(start, n):
     keep = torch.from_numpy(v_rows | np.tile([True, False, False, False], 3))
     keep[5] = True  # a kept k row next to the V rows of its block
     kept_elems = keep.repeat_interleave(width)[start:start + n]
-    plan = _KeepPlan(start, n, width, keep, torch.device("cpu"), min_run=10 ** 6, strided_rows=v_rows,
+    plan = _KeepPlan(start, n, width, keep, min_run=10 ** 6, strided_rows=v_rows,
                      min_view=0)
     flat = torch.zeros(n)
     for view in plan.views(flat):
@@ -344,7 +344,7 @@ def test_keep_plan_steps_the_v_rows_as_one_strided_view(start, n):
                                                          if first_full <= 4 * b + 2 and 4 * b + 4 <= last_full}
     else:  # at most one V run, cut by an end of the region: stepped as a view of its own
         assert plan.strided is None or plan.strided[1][0] == 1
-    few = _KeepPlan(start, n, width, keep, torch.device("cpu"), min_run=10 ** 6, strided_rows=v_rows,
+    few = _KeepPlan(start, n, width, keep, min_run=10 ** 6, strided_rows=v_rows,
                     min_view=3 * 2 * width + 1)
     assert few.strided is None and len(few.gather_rows) == int(keep[first_full:last_full].sum())
 

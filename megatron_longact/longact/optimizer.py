@@ -154,7 +154,7 @@ class _KeepPlan:
     (``frozen_weights``), for the logged norm (:meth:`row_norms`).
     """
 
-    def __init__(self, start: int, n: int, width: int, keep_rows: torch.Tensor, device,
+    def __init__(self, start: int, n: int, width: int, keep_rows: torch.Tensor,
                  min_run: int | None = None, strided_rows: np.ndarray | None = None,
                  min_view: int | None = None):
         min_run = MIN_IN_PLACE_RUN if min_run is None else min_run
@@ -203,11 +203,9 @@ class _KeepPlan:
                 runs.append((0, n))
             self.has_head, self.has_tail = False, True
             frozen = ~keep[start // width:start // width + 1]
-        # 1.0 for each frozen piece, in the order of row_norms (``device=None``: left on the host
-        # for the caller to move, :func:`to_device`)
+        # 1.0 for each frozen piece, in the order of row_norms; on the host (the handle moves all
+        # targets' weights to the device in one copy, :func:`to_device`)
         self.frozen_weights = torch.from_numpy(frozen.astype(np.float64))
-        if device is not None:
-            self.frozen_weights = self.frozen_weights.to(device)
         self.runs = runs
         self.gather_rows = gather_rows.astype(np.int64)  # host indices; CompactRows moves them
 
@@ -264,7 +262,7 @@ class _Target:
         """The shard's keep plan, its ``frozen_weights`` still on the host."""
         main = self.ref.main_param
         return _KeepPlan(self.ref.flat_start, main.numel(), self.row_width, keep_rows_P.cpu(),
-                         None, strided_rows=self.strided_rows)
+                         strided_rows=self.strided_rows)
 
 
 def _plain_state(torch_opt, state_dict: dict) -> dict:

@@ -82,7 +82,7 @@ class StatsCollector:
         self._q_range = _as_range(q_idx)
         self._k_range = _as_range(k_idx)
         self._k_reports = bool(owner.all())
-        if not (self._k_reports or not owner.any()):
+        if owner.any() and not self._k_reports:
             raise AssertionError("LongAct: a TP rank owns only some of its key groups")
         self._layers: list[int] = []  # global layer index of each stage-local slot
         self._layers_dev: torch.Tensor | None = None  # the same on the accumulators' device
@@ -230,24 +230,22 @@ class StatsCollector:
                 x = (sq[..., :half] + sq[..., half:]).sqrt_()
             else:  # |x| in fp32 (abs is exact in any dtype; in place on a converted copy)
                 x = x.float().abs_() if x.dtype != torch.float32 else x.abs()
+            acc = target[slot, lo:hi]
             if self.stat == "max_abs":
                 value_ND = (x * mask[:, :, None, None]).amax(dim=(0, 1))
-            elif not paired:
-                xx = x.square_() if self.stat == "rms" else x
-                # sum over (s, b) of mask * xx as one [1, S*B] x [S*B, N*D] product added to the
-                # accumulator slice (einsum's permutes cost 2-3x as much on the CPU)
-                target[slot, lo:hi].view(1, -1).addmm_(mask.reshape(1, S * B), xx.reshape(S * B, -1))
+                if paired:
+                    value_ND = torch.cat([value_ND, value_ND], dim=-1)
+                torch.maximum(acc, value_ND.reshape(-1), out=acc)
                 return
-            else:
-                xx = x.square_() if self.stat == "rms" else x
-                value_ND = (mask.reshape(1, S * B) @ xx.reshape(S * B, -1)).view(xx.shape[2:])
-            if paired:
-                value_ND = torch.cat([value_ND, value_ND], dim=-1)
-            value = value_ND.reshape(-1)
-            if self.stat == "max_abs":
-                torch.maximum(target[slot, lo:hi], value, out=target[slot, lo:hi])
-            else:
-                target[slot, lo:hi] += value
+            xx = x.square_() if self.stat == "rms" else x
+            # sum over (s, b) of mask * xx as one [1, S*B] x [S*B, N*D] product (einsum's permutes
+            # cost 2-3x as much on the CPU); unpaired, it adds straight into the accumulator slice
+            mask_1T, xx_TC = mask.reshape(1, S * B), xx.reshape(S * B, -1)
+            if not paired:
+                acc.view(1, -1).addmm_(mask_1T, xx_TC)
+                return
+            value_ND = (mask_1T @ xx_TC).view(xx.shape[2:])
+            acc += torch.cat([value_ND, value_ND], dim=-1).reshape(-1)
 
     def _mask(self, S: int, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The micro-batch's token mask [S, B] as fp32 on ``device`` and its token count (fp64),

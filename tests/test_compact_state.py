@@ -55,23 +55,31 @@ def test_synced_state_copies_as_a_plain_dict():
     assert calls == [1]
 
 
+@pytest.mark.parametrize("regather", [False, True], ids=["move-changed-rows", "regather"])
 @pytest.mark.parametrize("off,tail", [(0, 0), (5, 2)])
-def test_compact_rows_follow_a_changing_row_set(off, tail):
+def test_compact_rows_follow_a_changing_row_set(off, tail, regather):
     """Random kept sets (growing, shrinking, empty, all rows) over 40 steps: the compact slots
     always hold exactly the wanted rows with their true values, rows outside them are never
-    written except when they leave, and a final write-back gives the full truth."""
+    written except when they leave, and a final write-back gives the full truth. Both ways of
+    changing the set: moving only the rows that change (CPU), and writing all back and gathering
+    the new set (GPU: :func:`regathers`), whose slots follow the wanted order."""
     R, W = 37, 3
     gen = torch.Generator().manual_seed(off)
     rng = np.random.default_rng(off)
     flat = {k: torch.randn(off + R * W + tail, generator=gen) for k in ("exp_avg", "exp_avg_sq")}
     truth = {k: v.clone() for k, v in flat.items()}
     c = CompactRows((off, R), W, flat["exp_avg"].shape, torch.device("cpu"))
+    assert c.regather is False  # the CPU's way
+    c.regather = regather
     full = {k: v for k, v in flat.items()}
     sizes = [10, 12, 12, 5, 0, 0, R, R, 3, 20, 19, 19, 30] + list(rng.integers(0, R + 1, 27))
     for step, size in enumerate(sizes):
-        want = np.sort(rng.choice(R, size=int(size), replace=False))
+        want = rng.choice(R, size=int(size), replace=False)
+        want = np.sort(want) if step % 2 else want  # any order
         c.retarget(want, c.full_views(full))
-        assert sorted(c.rows.tolist()) == want.tolist()
+        assert sorted(c.rows.tolist()) == sorted(want.tolist())
+        if regather:
+            assert c.rows.tolist() == want.tolist()
         outside = np.setdiff1d(np.arange(R), want)
         for k in flat:
             mid_truth = c.mid_view(truth[k])
@@ -91,14 +99,20 @@ def test_compact_rows_follow_a_changing_row_set(off, tail):
 
 
 def _run_every_step_mask(runtime, write_back_every_step: bool, steps: int, dtype: str,
-                         distributed: bool):
+                         distributed: bool, regather: bool = False):
     """Train the tiny model with a mask recomputed every step (with the distributed optimizer at
     DP=2, weights split mid-row); optionally write the compact state back (and drop it) after
-    every step. Returns the final parameters, main shards and moments, and per step how many
-    compact rows were carried into it."""
+    every step, or change the compact set the GPU's way (``regather``). Returns the final
+    parameters, main shards and moments, and per step how many compact rows were carried into
+    it."""
     from functools import partial
 
     from megatron.core import parallel_state as ps
+
+    from megatron_longact.longact import compact_state
+
+    if regather:
+        compact_state.regathers = lambda device: True
 
     from megatron_longact.longact.optimizer import install
     from megatron_longact.training.engine import setup_engine, train_step
@@ -138,12 +152,14 @@ def _run_every_step_mask(runtime, write_back_every_step: bool, steps: int, dtype
     return out
 
 
-@pytest.mark.parametrize("dtype,distributed,layout", [
-    ("bf16", True, dict(dp=2)),    # DistributedOptimizer, shards cut mid-row
-    ("fp32", False, dict(tp=2)),   # FP32Optimizer, TP-local weights
+@pytest.mark.parametrize("dtype,distributed,layout,regather", [
+    ("bf16", True, dict(dp=2), False),   # DistributedOptimizer, shards cut mid-row
+    ("bf16", True, dict(dp=2), True),    # the same, the compact set changed the GPU's way
+    ("fp32", False, dict(tp=2), False),  # FP32Optimizer, TP-local weights
 ])
-def test_compact_state_across_changing_masks_equals_writing_it_back_every_step(dtype, distributed, layout):
-    kept = run_distributed(_run_every_step_mask, args=(False, 5, dtype, distributed), **layout)
+def test_compact_state_across_changing_masks_equals_writing_it_back_every_step(dtype, distributed, layout,
+                                                                              regather):
+    kept = run_distributed(_run_every_step_mask, args=(False, 5, dtype, distributed, regather), **layout)
     flushed = run_distributed(_run_every_step_mask, args=(True, 5, dtype, distributed), **layout)
     for a, b in zip(kept, flushed):
         assert all(n > 0 for n in a["carried"][1:]), a["carried"]  # really kept between steps

@@ -97,6 +97,18 @@ def _in_one_copy(arrays: list[np.ndarray], device: torch.device) -> list[torch.T
     return [t.view(a.shape) for t, a in zip(torch.split(flat, [a.size for a in arrays]), arrays)]
 
 
+def regathers(device) -> bool:
+    """Whether a change of the kept set writes every compact row back and gathers the new set
+    afresh (off the CPU) instead of moving only the rows that leave or enter (on the CPU).
+
+    On a GPU each indexing operation costs a launch and some host time (tens of microseconds
+    apiece, measured on an H200 node: docs/performance.md), while the bytes are cheap: writing
+    back and gathering all of a layer's kept rows is 2 operations per moment and needs no host
+    set arithmetic; moving only the changed rows is up to 6 per moment plus that arithmetic. On
+    the CPU bytes are what costs, and the kept set changes by a few rows a step."""
+    return torch.device(device).type != "cpu"
+
+
 def capacity(n: int) -> int:
     """Rows a compact tensor is allocated with for ``n`` live rows: 1/8 slack, so that a mask
     change that adds a few rows does not reallocate."""
@@ -125,6 +137,7 @@ class CompactRows:
         self.width = width
         self.main_shape = main_shape
         self.device = device
+        self.regather = regathers(device)  # see :func:`regathers`
         self.set_rows(np.zeros(0, dtype=np.int64))
         self.moments: dict[str, torch.Tensor] = {}
         self.scalars: dict = {}
@@ -178,15 +191,22 @@ class CompactRows:
                 dict.__setitem__(full, k, v.clone() if torch.is_tensor(v) else v)
         self.newer = False
 
-    def retarget(self, want: np.ndarray, full_mid: dict[str, torch.Tensor]) -> None:
-        """Make the compact set hold exactly the rows ``want`` (any order), moving only the rows
-        that leave (written back to the full tensors ``full_mid``) or enter (read from them).
-        Index arithmetic is done in numpy: these are a few small host arrays per layer."""
+    def retarget(self, want: np.ndarray, full_mid: dict[str, torch.Tensor],
+                 want_dev: torch.Tensor | None = None) -> None:
+        """Make the compact set hold exactly the rows ``want`` (any order; ``want_dev``: the same
+        on the state's device, if the caller has it there already), reading entering rows from
+        the full tensors ``full_mid`` and writing leaving rows back to them. With
+        :attr:`regather` every row is written back and the set gathered afresh in ``want``'s
+        order; otherwise only the rows that leave or enter move (index arithmetic in numpy:
+        a few small host arrays per layer)."""
         want = np.asarray(want, dtype=np.int64)
         cur, n, total_rows = self.rows, self.n, self.mid[1]
         if self.moments and set(self.moments) != set(full_mid):
             raise RuntimeError(f"LongAct: optimizer state keys changed from {sorted(self.moments)} "
                                f"to {sorted(full_mid)} between steps")
+        if self.regather:
+            self._regather(want, full_mid, want_dev)
+            return
         in_want = np.zeros(total_rows, dtype=bool)
         in_want[want] = True
         stay = in_want[cur]
@@ -225,6 +245,25 @@ class CompactRows:
             if enter.size:
                 storage.index_copy_(0, to_enter_dev, full_mid[k].index_select(0, enter_dev))
         self.set_rows(rows, rows_dev)
+
+    def _regather(self, want: np.ndarray, full_mid: dict[str, torch.Tensor],
+                  want_dev: torch.Tensor | None) -> None:
+        """:meth:`retarget` by writing every live row back and gathering ``want``: 2 indexing
+        operations per moment, whatever changed."""
+        if self.moments and np.array_equal(want, self.rows):
+            return
+        if want_dev is None:
+            want_dev = to_device([want], self.device)[0]
+        if self.newer:  # the scalars stay in self.scalars until a flush writes them
+            for k, storage in self.moments.items():
+                full_mid[k].index_copy_(0, self.rows_dev, self.live(storage))
+        for k in full_mid:
+            storage = self.moments.get(k)
+            if storage is None or storage.shape[0] < want.size:
+                storage = self.moments[k] = torch.empty((capacity(want.size), self.width),
+                                                        dtype=full_mid[k].dtype, device=self.device)
+            torch.index_select(full_mid[k], 0, want_dev, out=storage[:want.size])
+        self.set_rows(want, want_dev)
 
     def set_rows(self, rows: np.ndarray, rows_dev: torch.Tensor | None = None) -> None:
         """The rows of the compact slots (host), and the same as an index on the state's device."""

@@ -207,7 +207,8 @@ class _KeepPlan:
         # targets' weights to the device in one copy, :func:`to_device`)
         self.frozen_weights = torch.from_numpy(frozen.astype(np.float64))
         self.runs = runs
-        self.gather_rows = gather_rows.astype(np.int64)  # host indices; CompactRows moves them
+        self.gather_rows = gather_rows.astype(np.int64)
+        self.gather_rows_dev: torch.Tensor | None = None  # the same on the device, set by the handle
 
     def _mid(self, flat: torch.Tensor) -> torch.Tensor:
         off, rows = self.mid
@@ -383,7 +384,8 @@ class LongActHandle:
     def _make_freeze_plans(self, rows) -> dict[int, tuple[_KeepPlan, torch.Tensor]]:
         """Per target: the shard-local keep plan (for the main params and state) and the TP-local
         frozen row indices (for the gradients), rebuilt only when the mask changes. Host
-        arithmetic; what the device needs goes there in two copies per device for all targets."""
+        arithmetic; what the device needs (norm weights, frozen and gathered row indices) goes
+        there in two copies per device for all targets."""
         plans = {id(t): t.keep_plan(rows[t.row_slot][1]) for t in self._targets}
         frozen = {id(t): np.flatnonzero(~rows[t.row_slot][1].cpu().numpy()) for t in self._targets}
         by_device: dict[torch.device, list[_Target]] = {}
@@ -392,9 +394,11 @@ class LongActHandle:
         out = {}
         for device, targets in by_device.items():
             weights = to_device([plans[id(t)].frozen_weights.numpy() for t in targets], device)
-            indices = to_device([frozen[id(t)] for t in targets], device)
-            for t, w, idx in zip(targets, weights, indices):
+            indices = to_device([frozen[id(t)] for t in targets]
+                                + [plans[id(t)].gather_rows for t in targets], device)
+            for t, w, idx, rows in zip(targets, weights, indices, indices[len(targets):]):
                 plans[id(t)].frozen_weights = w
+                plans[id(t)].gather_rows_dev = rows
                 out[id(t)] = (plans[id(t)], idx)
         return out
 
@@ -456,7 +460,7 @@ class LongActHandle:
             full = {} if full is None else full
             # The cached views are valid until someone else touches the state (which drops them).
             full_mid = c.synced_mid if c.synced_mid is not None else c.full_views(full)
-            c.retarget(plan.gather_rows, full_mid)
+            c.retarget(plan.gather_rows, full_mid, plan.gather_rows_dev)
             main_flat, grad_flat = main.data.view(-1), main.grad.view(-1)
             pieces = [torch.index_select(c.mid_view(main_flat), 0, c.rows_dev,
                                          out=c.buffer("param", main))] + plan.views(main_flat)

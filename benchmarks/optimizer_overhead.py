@@ -20,8 +20,14 @@ then the bytes LongAct keeps between steps on one rank for a Llama-3-70B shape, 
 ``MaskState`` and ``StatsCollector`` (80 layers, 64 heads, 8 groups, head dim 128; TP=8, PP=4: 20
 layers per rank).
 
+With ``--phases`` it also prints, per case, where LongAct's step goes (medians, ms): its own
+phases (statistics and top-k in ``end_step``, the keep plans, zeroing the frozen gradient rows
+with the logged norm, the gathers before the torch optimizer steps, the scatter after it) and the
+torch optimizer's own work, timed between the hooks, for the plain and the LongAct side: the
+latter is what the skipped rows save.
+
 Run: python benchmarks/optimizer_overhead.py [--iters 20] [--cases small,qwen3_8b_qkv]
-     [--allocator default,reuse]
+     [--allocator default,reuse] [--phases]
 """
 
 from __future__ import annotations
@@ -57,7 +63,48 @@ def _case(name: str):
     raise SystemExit(f"--cases: unknown case {name!r}; expected small, qwen3_8b_qkv or tiny")
 
 
-def measure(model_cfg, trainable, iters: int, seq: int, parallel, device):
+PHASES = {"end_step": "end_step", "_make_freeze_plans": "plans", "_zero_frozen_grads": "zero+norm",
+          "_compact": "gather", "_expand": "scatter"}
+
+
+class InnerStepTimer:
+    """Times the torch optimizers' own work in each ``step()``: from the last pre-hook to the first
+    post-hook, summed over the torch optimizers of a megatron optimizer. ``before_install`` must
+    be called before LongAct installs its hooks and ``after_install`` after it, so that the
+    timing pre-hook runs after LongAct's gathers and the timing post-hook before its scatter."""
+
+    def __init__(self, optimizer):
+        from megatron_longact.compat import inner_optimizers
+
+        self.torch_opts = [o.optimizer for o in inner_optimizers(optimizer)]
+        self.t0 = 0.0
+        self.step_total = 0.0
+        self.times: list[float] = []
+
+    def before_install(self) -> None:
+        for o in self.torch_opts:
+            o.register_step_post_hook(self._stop)
+
+    def after_install(self) -> None:
+        for o in self.torch_opts:
+            o.register_step_pre_hook(self._start)
+
+    def _start(self, *args) -> None:
+        self.t0 = time.perf_counter()
+
+    def _stop(self, *args) -> None:
+        self.step_total += time.perf_counter() - self.t0
+
+    def end_step(self, record: bool) -> None:
+        if record:
+            self.times.append(self.step_total)
+        self.step_total = 0.0
+
+
+def measure(model_cfg, trainable, iters: int, seq: int, parallel, device, phases=None):
+    """Median plain and LongAct step times, trained parameter count, compact state bytes and
+    linear_qkv moment bytes; with ``phases`` (a ``PhaseTimer`` wrapped around LongAct's phases)
+    also the phase medians and the torch optimizers' own step medians."""
     from megatron_longact.longact import LongActConfig
     from megatron_longact.longact.optimizer import install
     from megatron_longact.training.config import TrainConfig
@@ -68,7 +115,15 @@ def measure(model_cfg, trainable, iters: int, seq: int, parallel, device):
                         lr=1e-3, weight_decay=0.1)
     plain = setup_engine(model_cfg, train, parallel, trainable=trainable)
     masked = setup_engine(model_cfg, train, parallel, trainable=trainable)
+    inner = {"plain": InnerStepTimer(plain.optimizer), "longact": InnerStepTimer(masked.optimizer)}
+    for timer in inner.values():
+        timer.before_install()
     handle = install(masked.model, masked.optimizer, LongActConfig())
+    for timer in inner.values():
+        timer.after_install()
+    if phases is not None:
+        phases.times.clear()
+        phases.wrap(handle.longact, "end_step", "end_step")
 
     def fwd_bwd(engine, la, step):
         forward_backward(engine, partial(_forward_step, la),
@@ -81,15 +136,23 @@ def measure(model_cfg, trainable, iters: int, seq: int, parallel, device):
         order = [("plain", plain), ("longact", masked)]
         if step % 2:
             order.reverse()
+        if phases is not None:
+            phases.on = step >= 3
         for name, engine in order:
             t0 = time.perf_counter()
             engine.optimizer.step()
             if step >= 3:  # warm-up: optimizer state allocation
                 times[name].append(time.perf_counter() - t0)
+            inner[name].end_step(step >= 3)
     trained = sum(p.numel() for p in masked.gpt_models[0].parameters() if p.requires_grad)
     qkv_moments = sum(2 * t.ref.main_param.numel() * 4 for t in handle._targets)
     out = (statistics.median(times["plain"]), statistics.median(times["longact"]), trained,
            handle.compact_state_bytes(), qkv_moments)
+    if phases is not None:
+        phases.on = False
+        out += ({label: statistics.median(v) for label, v in phases.times.items()}
+                | {f"torch optimizer ({name})": statistics.median(t.times) * 1e3
+                   for name, t in inner.items()},)
     del plain, masked, handle
     return out
 
@@ -147,6 +210,8 @@ def main() -> int:
     p.add_argument("--allocator", default="default,reuse",
                    help="comma-separated, in this order: default (glibc as configured), reuse (freed "
                         "memory kept for reuse, as a GPU's caching allocator does)")
+    p.add_argument("--phases", action="store_true",
+                   help="also print where LongAct's step goes: its phases and the torch optimizers' own work")
     args = p.parse_args()
     allocators = [a for a in args.allocator.split(",") if a]
     for a in allocators:
@@ -159,6 +224,15 @@ def main() -> int:
         _case(c)  # fail on a bad name before building anything
     from benchmarks.alternate import StolenTime
 
+    phases = None
+    if args.phases:
+        from benchmarks.gpu_profile import PhaseTimer
+        from megatron_longact.longact.optimizer import LongActHandle
+
+        phases = PhaseTimer()
+        for method, label in PHASES.items():
+            if method != "end_step":  # the controller's method is wrapped per instance
+                phases.wrap(LongActHandle, method, label)
     runtime = initialize(ParallelConfig(), seed=0)
     with StolenTime() as stolen:  # the timed cases
         print(f"{torch.get_num_threads()} threads, single process (DP=1, TP=1), median of {args.iters} "
@@ -171,11 +245,13 @@ def main() -> int:
             print(f" host allocator: {ALLOCATORS[allocator]}")
             for c in cases:
                 cfg, trainable = _case(c)
-                tp, tl, n, extra, qkv = measure(cfg, trainable, args.iters, args.seq, runtime.parallel,
-                                                runtime.device)
+                tp, tl, n, extra, qkv, *split = measure(cfg, trainable, args.iters, args.seq,
+                                                        runtime.parallel, runtime.device, phases)
                 print(f"  {c:14s} {n:15,d} {tp * 1e3:10.2f} {tl * 1e3:11.2f} {tl / tp:7.3f}"
                       f"   (target <= 1.00)   compact state + buffers {extra / 2**20:.1f} MiB "
                       f"= {extra / qkv:.0%} of the linear_qkv moments")
+                if split:
+                    print("    medians, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in split[0].items()))
     default, ema = llama70b_state_bytes()
     print(f"LongAct state kept between steps, Llama-3-70B shape, one rank (TP=8, PP=4): "
           f"{default:,} bytes (ema=0), {ema:,} bytes (ema=0.9)   (target <= 1,000,000)")

@@ -60,7 +60,7 @@ def _case(name: str):
                                   max_position_embeddings=512)
         assert isinstance(cfg, ModelConfig)
         return cfg, (lambda n: n.endswith("self_attention.linear_qkv.weight"))
-    raise SystemExit(f"--cases: unknown case {name!r}; expected small, qwen3_8b_qkv or tiny")
+    raise ValueError(f"--cases: unknown case {name!r}; expected small, qwen3_8b_qkv or tiny")
 
 
 PHASES = {"end_step": "end_step", "_make_freeze_plans": "plans", "_zero_frozen_grads": "zero+norm",
@@ -216,12 +216,17 @@ def main() -> int:
     allocators = [a for a in args.allocator.split(",") if a]
     for a in allocators:
         if a not in ALLOCATORS:
-            raise SystemExit(f"--allocator: unknown {a!r}; expected default or reuse")
+            p.error(f"--allocator: unknown {a!r}; expected default or reuse")
     if "reuse" in allocators and allocators[-1] != "reuse":
-        raise SystemExit("--allocator: reuse cannot be undone in a process; put it last")
+        p.error("--allocator: reuse cannot be undone in a process; put it last")
+    if args.iters < 1 or args.seq < 8:
+        p.error(f"--iters and --seq: got {args.iters} and {args.seq}, expected >= 1 and >= 8")
     cases = [c for c in args.cases.split(",") if c]
     for c in cases:
-        _case(c)  # fail on a bad name before building anything
+        try:
+            _case(c)  # fail on a bad name before building anything
+        except ValueError as e:
+            p.error(str(e))
     from benchmarks.alternate import StolenTime
 
     phases = None

@@ -37,15 +37,22 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> int:
+    from megatron_longact.errors import at_least
+
     p = argparse.ArgumentParser()
     p.add_argument("--model", choices=("megatron", "vllm"), default="megatron",
                    help="whose demo model: megatron (tiny) or vllm (adds the vLLM engine)")
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--prompts", type=at_least(1), default=8)
+    p.add_argument("--group", type=at_least(1), default=8)
     p.add_argument("--new-tokens", default="6,32", help="comma-separated response lengths")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=at_least(1), default=5)
     args = p.parse_args()
-    new_tokens = [int(n) for n in args.new_tokens.split(",") if n]
+    try:
+        new_tokens = [at_least(1)(n) for n in args.new_tokens.split(",") if n]
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--new-tokens: {e}")
+    if not new_tokens:
+        p.error("--new-tokens: got no length, expected comma-separated integers >= 1")
 
     import torch
     import transformers

@@ -188,12 +188,20 @@ def _generation(out: Path) -> None:
                                     **kwargs), 1, "generation_17_tokens", out), flush=True)
 
 
+PARTS = ("optimizer", "stats", "generation")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--parts", default="optimizer,stats,generation")
+    p.add_argument("--parts", default=",".join(PARTS))
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--out", default=".")
     args = p.parse_args()
+    parts = [x for x in args.parts.split(",") if x]
+    if not parts or any(x not in PARTS for x in parts):
+        p.error(f"--parts: got {args.parts!r}, expected a comma-separated subset of {','.join(PARTS)}")
+    if args.seq < 128 or args.seq % 128:
+        p.error(f"--seq: got {args.seq}, expected a multiple of 128")
     import torch
 
     if not torch.cuda.is_available() and os.environ.get("MEGATRON_LONGACT_CPU") != "1":
@@ -206,7 +214,6 @@ def main() -> int:
     os.environ.setdefault("MASTER_PORT", "29533")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    parts = [x for x in args.parts.split(",") if x]
     if len(parts) > 1:  # one process per part: each initialises its own process group
         return max(subprocess.call([sys.executable, __file__, "--parts", part, "--seq", str(args.seq),
                                     "--out", args.out]) for part in parts)

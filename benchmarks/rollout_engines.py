@@ -99,19 +99,24 @@ def rl_step(args, runtime, tmp) -> None:
 
 
 def main() -> int:
+    from megatron_longact.errors import at_least, foreseeable_errors, one_line
     from megatron_longact.run_config import load_run_config
     from megatron_longact.runtime import destroy, initialize
 
     p = argparse.ArgumentParser()
-    p.add_argument("--prompts", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--prompts", type=at_least(1), default=64)
+    p.add_argument("--new-tokens", type=at_least(1), default=32)
+    p.add_argument("--repeats", type=at_least(1), default=3)
+    p.add_argument("--steps", type=at_least(1), default=4)
     p.add_argument("overrides", nargs="*", help="run-config overrides for the RL-step part")
     args = p.parse_args()
     tmp = tempfile.mkdtemp()
     cfg = load_run_config(ROOT / "configs/demo_cpu_vllm.yaml",
                           ["sft.steps=0", "checkpoint.resume=none", f"output.dir={tmp}/gen"])
+    try:  # the RL-step part's overrides, checked before anything starts
+        load_run_config(ROOT / "configs/demo_cpu_vllm.yaml", args.overrides)
+    except foreseeable_errors() as e:
+        p.error(one_line(e))
     runtime = initialize(cfg.parallel, seed=0)
     try:
         generation(args, runtime, cfg, tmp)

@@ -81,10 +81,12 @@ def mask_time(iters: int) -> float:
 
 
 def main() -> int:
+    from megatron_longact.errors import at_least
+
     p = argparse.ArgumentParser()
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--seq", type=at_least(1), default=2048)
+    p.add_argument("--batch", type=at_least(1), default=1)
+    p.add_argument("--iters", type=at_least(1), default=10)
     args = p.parse_args()
     threads = torch.get_num_threads()
     off, on = fwd_bwd_overhead(args.seq, args.iters, args.batch)

@@ -32,9 +32,10 @@ def main() -> int:
     from megatron_longact.training.trainer import Trainer
 
     from benchmarks.alternate import StolenTime, alternate_rl_steps
+    from megatron_longact.errors import at_least, foreseeable_errors, one_line
 
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=at_least(1), default=30)
     p.add_argument("--config", default=str(ROOT / "configs/demo_cpu.yaml"))
     p.add_argument("--stop-at-eos", action="store_true", help="responses end at EOS")
     p.add_argument("overrides", nargs="*")
@@ -44,8 +45,11 @@ def main() -> int:
     base = ["sft.steps=0", f"train.steps={args.steps + 2}", "checkpoint.resume=none",
             "evaluation.lengths=[]", f"output.dir={tmp}",
             f"rl.ignore_eos={str(not args.stop_at_eos).lower()}"] + args.overrides
-    cfgs = {name: load_run_config(args.config, base + [f"longact.enabled={flag}"])
-            for name, flag in (("plain", "false"), ("longact", "true"))}
+    try:
+        cfgs = {name: load_run_config(args.config, base + [f"longact.enabled={flag}"])
+                for name, flag in (("plain", "false"), ("longact", "true"))}
+    except foreseeable_errors() as e:
+        p.error(one_line(e))
     runtime = initialize(cfgs["plain"].parallel, seed=cfgs["plain"].train.seed)
     trainers = {name: Trainer(cfg, runtime) for name, cfg in cfgs.items()}
     with StolenTime() as stolen:

@@ -202,10 +202,12 @@ def worker_trl(work: Path, steps: int, engine: str, fixed_length: bool) -> list[
 
 
 def main() -> int:
+    from megatron_longact.errors import at_least
+
     p = argparse.ArgumentParser()
-    p.add_argument("--runs", type=int, default=3, help="runs per side (alternated)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=1, help="untimed first steps per run")
+    p.add_argument("--runs", type=at_least(1), default=3, help="runs per side (alternated)")
+    p.add_argument("--steps", type=at_least(1), default=4, help="timed steps per run")
+    p.add_argument("--warmup", type=at_least(0), default=1, help="untimed first steps per run")
     p.add_argument("--engine", choices=tuple(DEMOS), default="megatron",
                    help="our rollout engine (vllm: the colocated vLLM engine)")
     p.add_argument("--stop-at-eos", action="store_true",

@@ -63,50 +63,13 @@ def _case(name: str):
     raise ValueError(f"--cases: unknown case {name!r}; expected small, qwen3_8b_qkv or tiny")
 
 
-PHASES = {"end_step": "end_step", "_make_freeze_plans": "plans", "_zero_frozen_grads": "zero+norm",
-          "_compact": "gather", "_expand": "scatter"}
-
-
-class InnerStepTimer:
-    """Times the torch optimizers' own work in each ``step()``: from the last pre-hook to the first
-    post-hook, summed over the torch optimizers of a megatron optimizer. ``before_install`` must
-    be called before LongAct installs its hooks and ``after_install`` after it, so that the
-    timing pre-hook runs after LongAct's gathers and the timing post-hook before its scatter."""
-
-    def __init__(self, optimizer):
-        from megatron_longact.compat import inner_optimizers
-
-        self.torch_opts = [o.optimizer for o in inner_optimizers(optimizer)]
-        self.t0 = 0.0
-        self.step_total = 0.0
-        self.times: list[float] = []
-
-    def before_install(self) -> None:
-        for o in self.torch_opts:
-            o.register_step_post_hook(self._stop)
-
-    def after_install(self) -> None:
-        for o in self.torch_opts:
-            o.register_step_pre_hook(self._start)
-
-    def _start(self, *args) -> None:
-        self.t0 = time.perf_counter()
-
-    def _stop(self, *args) -> None:
-        self.step_total += time.perf_counter() - self.t0
-
-    def end_step(self, record: bool) -> None:
-        if record:
-            self.times.append(self.step_total)
-        self.step_total = 0.0
-
-
-def measure(model_cfg, trainable, iters: int, seq: int, parallel, device, phases=None):
+def measure(model_cfg, trainable, iters: int, seq: int, parallel, device, phases: bool = False):
     """Median plain and LongAct step times, trained parameter count, compact state bytes and
-    linear_qkv moment bytes; with ``phases`` (a ``PhaseTimer`` wrapped around LongAct's phases)
-    also the phase medians and the torch optimizers' own step medians."""
+    linear_qkv moment bytes; with ``phases`` also the medians of LongAct's phases and of the torch
+    optimizers' own work on both sides (``longact.timing``; on the CPU timing costs nothing)."""
     from megatron_longact.longact import LongActConfig
     from megatron_longact.longact.optimizer import install
+    from megatron_longact.longact.timing import PhaseTimes, TorchStepTimer
     from megatron_longact.training.config import TrainConfig
     from megatron_longact.training.engine import forward_backward, setup_engine
     from megatron_longact.training.lm import _forward_step, micro_batches_for_step
@@ -115,15 +78,10 @@ def measure(model_cfg, trainable, iters: int, seq: int, parallel, device, phases
                         lr=1e-3, weight_decay=0.1)
     plain = setup_engine(model_cfg, train, parallel, trainable=trainable)
     masked = setup_engine(model_cfg, train, parallel, trainable=trainable)
-    inner = {"plain": InnerStepTimer(plain.optimizer), "longact": InnerStepTimer(masked.optimizer)}
-    for timer in inner.values():
-        timer.before_install()
     handle = install(masked.model, masked.optimizer, LongActConfig())
-    for timer in inner.values():
-        timer.after_install()
-    if phases is not None:
-        phases.times.clear()
-        phases.wrap(handle.longact, "end_step", "end_step")
+    if phases:
+        plain_times = PhaseTimes()
+        TorchStepTimer(plain.optimizer, plain_times)
 
     def fwd_bwd(engine, la, step):
         forward_backward(engine, partial(_forward_step, la),
@@ -136,23 +94,24 @@ def measure(model_cfg, trainable, iters: int, seq: int, parallel, device, phases
         order = [("plain", plain), ("longact", masked)]
         if step % 2:
             order.reverse()
-        if phases is not None:
-            phases.on = step >= 3
+        if phases and step == 3:  # warm-up: optimizer state allocation
+            longact_times = handle.enable_timing()
         for name, engine in order:
             t0 = time.perf_counter()
             engine.optimizer.step()
-            if step >= 3:  # warm-up: optimizer state allocation
+            if step >= 3:
                 times[name].append(time.perf_counter() - t0)
-            inner[name].end_step(step >= 3)
+        if phases:
+            plain_times.close_step()
     trained = sum(p.numel() for p in masked.gpt_models[0].parameters() if p.requires_grad)
     qkv_moments = sum(2 * t.ref.main_param.numel() * 4 for t in handle._targets)
     out = (statistics.median(times["plain"]), statistics.median(times["longact"]), trained,
            handle.compact_state_bytes(), qkv_moments)
-    if phases is not None:
-        phases.on = False
-        out += ({label: statistics.median(v) for label, v in phases.times.items()}
-                | {f"torch optimizer ({name})": statistics.median(t.times) * 1e3
-                   for name, t in inner.items()},)
+    if phases:
+        plain_times.steps = {k: v[3:] for k, v in plain_times.steps.items()}  # after the warm-up
+        split = {("torch step (LongAct)" if k == "torch step" else k): v
+                 for k, v in longact_times.medians_ms().items()}
+        out += (split | {"torch step (plain)": plain_times.medians_ms()["torch step"]},)
     del plain, masked, handle
     return out
 
@@ -228,15 +187,6 @@ def main() -> int:
             p.error(str(e))
     from benchmarks.alternate import StolenTime
 
-    phases = None
-    if args.phases:
-        from benchmarks.gpu_profile import PhaseTimer
-        from megatron_longact.longact.optimizer import LongActHandle
-
-        phases = PhaseTimer()
-        for method, label in PHASES.items():
-            if method != "end_step":  # the controller's method is wrapped per instance
-                phases.wrap(LongActHandle, method, label)
     runtime = initialize(ParallelConfig(), seed=0)
     with StolenTime() as stolen:  # the timed cases
         print(f"{torch.get_num_threads()} threads, single process (DP=1, TP=1), median of {args.iters} "
@@ -250,7 +200,7 @@ def main() -> int:
             for c in cases:
                 cfg, trainable = _case(c)
                 tp, tl, n, extra, qkv, *split = measure(cfg, trainable, args.iters, args.seq,
-                                                        runtime.parallel, runtime.device, phases)
+                                                        runtime.parallel, runtime.device, args.phases)
                 print(f"  {c:14s} {n:15,d} {tp * 1e3:10.2f} {tl * 1e3:11.2f} {tl / tp:7.3f}"
                       f"   (target <= 1.00)   compact state + buffers {extra / 2**20:.1f} MiB "
                       f"= {extra / qkv:.0%} of the linear_qkv moments")

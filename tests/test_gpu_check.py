@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,30 @@ def test_rl_check_worker_runs_and_asserts_on_the_cpu_runtime(tmp_path):
     assert row["status"] == "PASS", row
     assert "frozen rows bit-identical" in row["detail"] and "kept rows moved in 8/8" in row["detail"], row
     assert "GPU_CHECK_RESULT" in (tmp_path / "logs" / "rl_tp1.rank0.log").read_text()
+
+
+def test_optimizer_overhead_check_runs_on_the_cpu_runtime(tmp_path):
+    """The optimizer_overhead check's code (timed steps, then the synchronised phase split) on the
+    CPU runtime, with gpu_check's small model in place of the Qwen3-0.6B shape (two engines of
+    that one would not fit this machine's memory)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: gpu_check runs there itself")
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from megatron_longact import gpu_check\n"
+        "gpu_check.QWEN3_0_6B = gpu_check.SMALL\n"
+        "row = gpu_check._check_optimizer_overhead(gpu_check.Options(seq=128, iters=2), Path(sys.argv[1]))\n"
+        "print('ROW', row['status'], row['detail'])\n")
+    env = dict(os.environ, MEGATRON_LONGACT_CPU="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(gpu_check._free_port()),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    row = next((line for line in proc.stdout.splitlines() if line.startswith("ROW ")), None)
+    assert proc.returncode == 0 and row is not None, proc.stderr[-3000:]
+    assert row.startswith("ROW PASS") and "ratio" in row, row
+    for phase in ("end_step", "plans", "zero", "gather", "torch step", "scatter", "plain's torch step"):
+        assert f"{phase} " in row, (phase, row)

@@ -25,9 +25,11 @@ def _tiny(dtype):
                        max_position_embeddings=512, qk_layernorm=True, params_dtype=dtype)
 
 
-def _run(runtime, dtype, distributed, longact_cfg, steps, clip=1.0, bucket=None, min_view=None):
+def _run(runtime, dtype, distributed, longact_cfg, steps, clip=1.0, bucket=None, min_view=None,
+         timing=False):
     """Train ``steps`` steps; return what the checks need (all on CPU, plain tensors).
-    ``min_view=0``: the V rows are stepped as one strided view however few they are."""
+    ``min_view=0``: the V rows are stepped as one strided view however few they are. ``timing``:
+    time the steps' phases (``enable_timing``, or a ``TorchStepTimer`` without LongAct)."""
     import megatron_longact.longact.optimizer as longact_optimizer
     from megatron_longact.compat import main_param_refs
 
@@ -43,6 +45,14 @@ def _run(runtime, dtype, distributed, longact_cfg, steps, clip=1.0, bucket=None,
                         ddp_bucket_size=bucket)
     engine = setup_engine(_tiny(dtype), train, runtime.parallel)
     handle = install(engine.model, engine.optimizer, longact_cfg) if longact_cfg else None
+    if timing:
+        from megatron_longact.longact.timing import PhaseTimes, TorchStepTimer
+
+        if handle is not None:
+            times = handle.enable_timing()
+        else:
+            times = PhaseTimes()
+            TorchStepTimer(engine.optimizer, times)
     gpt = engine.gpt_models[0]
     init = {n: p.detach().clone() for n, p in gpt.named_parameters()}
     refs = {id(r.model_param): r for r in main_param_refs(engine.optimizer)}
@@ -54,6 +64,8 @@ def _run(runtime, dtype, distributed, longact_cfg, steps, clip=1.0, bucket=None,
     for step in range(steps):
         train_step(engine, partial(_forward_step, handle), iter(micro_batches_for_step(step, engine, runtime.device)),
                    num_mb, train.seq_length, train.micro_batch_size)
+        if timing and handle is None:
+            times.close_step()
     out = {"params": {n: p.detach().clone() for n, p in gpt.named_parameters()}, "init": init,
            "init_main": init_main, "targets": []}
     if handle is not None:
@@ -78,6 +90,8 @@ def _run(runtime, dtype, distributed, longact_cfg, steps, clip=1.0, bucket=None,
                 split=t.ref.flat_start > 0 or main.numel() < t.ref.model_param.numel()))
         out["metrics"] = dict(handle.metrics)
         out["persistent_bytes"] = handle.persistent_bytes()
+    if timing:
+        out["phase_times"] = times.steps
     return out
 
 
@@ -164,6 +178,24 @@ def test_unfrozen_entries_follow_plain_megatron_given_the_same_gradients(min_vie
                 assert torch.equal(q[~keep], b["init"][name][~keep]), name
             else:
                 assert torch.equal(p, q), name
+
+
+def test_timed_steps_record_every_phase_and_change_nothing():
+    """``enable_timing`` records each phase once per step (the mask changes every step, so the
+    keep plans are rebuilt each time) and leaves the training bit-identical; the plain side's
+    ``TorchStepTimer`` records its torch optimizer's step."""
+    cfg = LongActConfig(keep_ratio=0.3)
+    timed = run_distributed(_run, args=("bf16", True, cfg, 3, 1.0, 3000, None, True), dp=2)
+    untimed = run_distributed(_run, args=("bf16", True, cfg, 3, 1.0, 3000), dp=2)
+    plain = run_distributed(_run, args=("bf16", True, None, 2, 1.0, None, None, True))[0]
+    for a, b in zip(timed, untimed):
+        for name in a["params"]:
+            assert torch.equal(a["params"][name], b["params"][name]), name
+        steps = a["phase_times"]
+        assert list(steps) == ["end_step", "plans", "zero", "gather", "torch step", "scatter"], list(steps)
+        assert all(len(v) == 3 and min(v) > 0 for v in steps.values()), steps
+    assert list(plain["phase_times"]) == ["torch step"] and len(plain["phase_times"]["torch step"]) == 2
+    assert min(plain["phase_times"]["torch step"]) > 0
 
 
 def test_gradient_mode_drifts_as_documented():

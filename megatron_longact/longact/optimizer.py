@@ -25,6 +25,7 @@ moments; row plans are rebuilt when the mask changes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 
@@ -37,6 +38,7 @@ from megatron_longact.longact.config import LongActConfig
 from megatron_longact.longact.controller import LongAct, LongActGroups, megatron_groups
 from megatron_longact.longact.layout import QKGeometry
 from megatron_longact.longact.selection import keep_count
+from megatron_longact.longact.timing import PhaseTimes
 from megatron_longact.runtime import collectives
 
 
@@ -304,6 +306,7 @@ class LongActHandle:
         self._swapped: list[tuple[_Target, list[torch.Tensor], CompactRows, bool]] = []
         self._saved_params: list[tuple[dict, list]] = []
         self._compact_rows: dict[int, CompactRows] = {}  # per target, kept across steps
+        self.phase_times: PhaseTimes | None = None  # see enable_timing()
 
     # -- wiring ------------------------------------------------------------------------------
     def _find_targets(self, refs: list[MainParamRef]) -> list[_Target]:
@@ -339,6 +342,18 @@ class LongActHandle:
         self._hook_handles.clear()
         self.longact.remove()
 
+    def enable_timing(self) -> PhaseTimes:
+        """Time this handle's phases of every later step (:mod:`~megatron_longact.longact.timing`):
+        ``end_step`` (statistics and top-k, with the row masks), ``plans`` (keep plans, at a mask
+        change), ``zero`` (frozen gradient rows and the logged norm), ``gather`` (the torch
+        optimizer's pre-hook), ``torch step`` (the torch optimizer's own work), ``scatter`` (its
+        post-hook). On a GPU each boundary synchronises the device, which slows the step."""
+        self.phase_times = PhaseTimes()
+        return self.phase_times
+
+    def _timed(self, label: str):
+        return self.phase_times.time(label) if self.phase_times is not None else contextlib.nullcontext()
+
     # -- the step ----------------------------------------------------------------------------
     def begin_microbatch(self, valid_BS=None, response_BS=None) -> None:
         self.longact.begin_microbatch(valid_BS, response_BS)
@@ -358,15 +373,18 @@ class LongActHandle:
 
     @torch.no_grad()
     def _step(self, *args, **kwargs):
-        self.longact.end_step(self.step_count)
-        rows = self.longact.local_qkv_row_masks()
+        with self._timed("end_step"):
+            self.longact.end_step(self.step_count)
+            rows = self.longact.local_qkv_row_masks()
         freezing = self.cfg.strategy != "none" and bool(rows)
         if freezing and self._plans_step != self.longact.state.last_mask_step:
-            self._freeze_plans = self._make_freeze_plans(rows)
+            with self._timed("plans"):
+                self._freeze_plans = self._make_freeze_plans(rows)
             self._plans_step = self.longact.state.last_mask_step
         for t in self._targets:
             t.plan, t.frozen_rows = self._freeze_plans[id(t)] if freezing else (None, None)
-        self._removed_fraction = self._zero_frozen_grads(rows) if freezing else None
+        with self._timed("zero"):
+            self._removed_fraction = self._zero_frozen_grads(rows) if freezing else None
         try:
             result = self._orig_step(*args, **kwargs)
         finally:
@@ -378,6 +396,8 @@ class LongActHandle:
                     t.ref.torch_optimizer.state.pop(p, None)
                     p.grad = None
             self._swapped.clear()
+            if self.phase_times is not None:
+                self.phase_times.close_step()
         self.step_count += 1
         return result
 
@@ -433,6 +453,20 @@ class LongActHandle:
         return sums
 
     def _compact(self, torch_opt, args, kwargs) -> None:
+        """The torch optimizer's step pre-hook: :meth:`_gather`, timed when timing is on."""
+        with self._timed("gather"):
+            self._gather(torch_opt)
+        if self.phase_times is not None:
+            self.phase_times.start("torch step")
+
+    def _expand(self, torch_opt, args, kwargs) -> None:
+        """The torch optimizer's step post-hook: :meth:`_scatter`, timed when timing is on."""
+        if self.phase_times is not None:
+            self.phase_times.stop("torch step")
+        with self._timed("scatter"):
+            self._scatter(torch_opt)
+
+    def _gather(self, torch_opt) -> None:
         """Before the torch optimizer steps: in each target's param list, replace its main shard
         by the kept entries only: views of the long kept runs (stepped in place) and one compact
         tensor of the other kept rows, each with the matching gradient and state tensors. The
@@ -492,7 +526,7 @@ class LongActHandle:
                     new.extend(by_main.get(id(p), (p,)))
                 group["params"] = new
 
-    def _expand(self, torch_opt, args, kwargs) -> None:
+    def _scatter(self, torch_opt) -> None:
         """After the torch optimizer step: scatter the compact values back into the full main
         shard (the in-place runs are already there), so that megatron's main-to-model copy sees
         them. The compact moments stay compact; the full state dict becomes a

@@ -699,9 +699,12 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, 
             if groups.tp_size > 1 and full.shape[-1] != gpt.vocab_size:
                 full = gather_from_tensor_model_parallel_region(full, group=groups.tp)
             logits_BV = full[:, :vocab_size].float()
-            # One uniform per row: the draw numbered by the tokens the row has made so far.
-            uniforms = row_uniforms(keys_B, generated_B) if sampling.temperature > 0 else None
-            tok, lp = sample_tokens(logits_BV.cpu(), sampling, uniforms)
+            # One uniform per row: the draw numbered by the tokens the row has made so far. The
+            # draw runs where the logits are (on a GPU: no copy of [B, V] logits to the host and no
+            # host softmax per step); only the chosen tokens and their log-probs cross.
+            uniforms = (row_uniforms(keys_B, generated_B).to(logits_BV.device)
+                        if sampling.temperature > 0 else None)
+            tok, lp = sample_tokens(logits_BV, sampling, uniforms)
             values = torch.stack([tok.double(), lp.double()], dim=1)
         return _share_from_last_stage(values, (batch, 2), groups, device).cpu()
 

@@ -30,10 +30,9 @@ RUNTIME_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cudaMemcpyAsync", 
 
 
 def _sync():
-    import torch
+    from megatron_longact.longact.timing import synchronize
 
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    synchronize()
 
 
 class PhaseTimer:

@@ -79,9 +79,6 @@ def measure(model_cfg, trainable, iters: int, seq: int, parallel, device, phases
     plain = setup_engine(model_cfg, train, parallel, trainable=trainable)
     masked = setup_engine(model_cfg, train, parallel, trainable=trainable)
     handle = install(masked.model, masked.optimizer, LongActConfig())
-    if phases:
-        plain_times = PhaseTimes()
-        TorchStepTimer(plain.optimizer, plain_times)
 
     def fwd_bwd(engine, la, step):
         forward_backward(engine, partial(_forward_step, la),
@@ -95,20 +92,20 @@ def measure(model_cfg, trainable, iters: int, seq: int, parallel, device, phases
         if step % 2:
             order.reverse()
         if phases and step == 3:  # warm-up: optimizer state allocation
-            longact_times = handle.enable_timing()
+            longact_times, plain_times = handle.enable_timing(), PhaseTimes()
+            TorchStepTimer(plain.optimizer, plain_times)
         for name, engine in order:
             t0 = time.perf_counter()
             engine.optimizer.step()
             if step >= 3:
                 times[name].append(time.perf_counter() - t0)
-        if phases:
+        if phases and step >= 3:
             plain_times.close_step()
     trained = sum(p.numel() for p in masked.gpt_models[0].parameters() if p.requires_grad)
     qkv_moments = sum(2 * t.ref.main_param.numel() * 4 for t in handle._targets)
     out = (statistics.median(times["plain"]), statistics.median(times["longact"]), trained,
            handle.compact_state_bytes(), qkv_moments)
     if phases:
-        plain_times.steps = {k: v[3:] for k, v in plain_times.steps.items()}  # after the warm-up
         split = {("torch step (LongAct)" if k == "torch step" else k): v
                  for k, v in longact_times.medians_ms().items()}
         out += (split | {"torch step (plain)": plain_times.medians_ms()["torch step"]},)

@@ -237,10 +237,9 @@ def _worker_main(argv: list[str]) -> int:
 
 
 def _sync():
-    import torch
+    from megatron_longact.longact.timing import synchronize
 
-    if torch.cuda.is_available():  # the workers also run on the CPU runtime, to try them
-        torch.cuda.synchronize()
+    synchronize()  # the workers also run on the CPU runtime, to try them: nothing to wait for
 
 
 def _model_yaml(workdir: Path, name: str, model: dict) -> Path:

@@ -73,7 +73,6 @@ class TorchStepTimer:
     def __init__(self, optimizer, times: PhaseTimes, label: str = "torch step"):
         from megatron_longact.compat import inner_optimizers
 
-        self.times, self.label = times, label
         self._handles = []
         for opt in inner_optimizers(optimizer):
             torch_opt = opt.optimizer

@@ -90,7 +90,7 @@ def _optimizer(out: Path, seq: int) -> None:
     from megatron_longact import gpu_check
     from megatron_longact.longact import LongActConfig
     from megatron_longact.longact.compact_state import CompactRows
-    from megatron_longact.longact.optimizer import LongActHandle, _Target, install
+    from megatron_longact.longact.optimizer import LongActHandle, install
     from megatron_longact.training.engine import forward_backward
     from megatron_longact.training.lm import _forward_step, micro_batches_for_step
 
@@ -103,7 +103,7 @@ def _optimizer(out: Path, seq: int) -> None:
     timer.wrap(LongActHandle, "_compact", "compact (pre-hook)")
     timer.wrap(LongActHandle, "_expand", "expand (post-hook)")
     timer.wrap(LongActHandle, "_zero_frozen_grads", "zero frozen grads + norm")
-    timer.wrap(_Target, "keep_plan", "keep plan (one target)")
+    timer.wrap(LongActHandle, "_make_freeze_plans", "keep plans (all targets)")
     timer.wrap(CompactRows, "retarget", "retarget (one target)")
     handle = install(masked.model, masked.optimizer, LongActConfig())
     timer.wrap(handle.longact, "end_step", "end_step (statistics, top-k)")

@@ -317,17 +317,24 @@ def test_optimizer_steps_only_the_kept_rows(min_run, warmup, policy):
         assert any(c["moments_nonzero"] for s in per_step[1:] for c in s["checks"])
 
 
+def _plan(start, n, width, keep, **kw):
+    """The keep plan of one shard, as the handle makes them (a batch, here of one)."""
+    from megatron_longact.longact.optimizer import _PlanBatch, _ShardRows
+
+    return _PlanBatch([_ShardRows(start, n, width, keep.numel(), **kw)]).plans(keep.numpy()[None])[0]
+
+
 @pytest.mark.parametrize("start,n,min_run", [(0, 40, 16), (3, 30, 16), (5, 2, 16), (13, 27, 8),
                                              (0, 40, 10 ** 6), (8, 5, 16), (10, 9, 16), (35, 5, 16)])
 def test_keep_plan_covers_exactly_the_kept_entries(start, n, min_run):
     """Kept entries split into in-place runs (long runs of kept rows, kept partial edge rows) and
     gathered rows; together they cover every kept element once and no frozen one (width 8, rows
     0..4, rows 1 and 4 frozen: rows 2-3 form a run of 16 elements)."""
-    from megatron_longact.longact.optimizer import _KeepPlan, squared_norm_sums
+    from megatron_longact.longact.optimizer import squared_norm_sums
 
     width, keep = 8, torch.tensor([True, False, True, True, False])
     kept_elems = keep.repeat_interleave(width)[start:start + n]
-    plan = _KeepPlan(start, n, width, keep, min_run=min_run)
+    plan = _plan(start, n, width, keep, min_run=min_run)
     flat = torch.zeros(n)
     for view in plan.views(flat):
         view.add_(1.0)
@@ -354,15 +361,12 @@ def test_keep_plan_steps_the_v_rows_as_one_strided_view(start, n):
     Below ``min_view`` elements the V rows are gathered with the others."""
     import numpy as np
 
-    from megatron_longact.longact.optimizer import _KeepPlan
-
     width = 8
     v_rows = np.tile([False, False, True, True], 3)
     keep = torch.from_numpy(v_rows | np.tile([True, False, False, False], 3))
     keep[5] = True  # a kept k row next to the V rows of its block
     kept_elems = keep.repeat_interleave(width)[start:start + n]
-    plan = _KeepPlan(start, n, width, keep, min_run=10 ** 6, strided_rows=v_rows,
-                     min_view=0)
+    plan = _plan(start, n, width, keep, min_run=10 ** 6, strided_rows=v_rows, min_view=0)
     flat = torch.zeros(n)
     for view in plan.views(flat):
         view.add_(1.0)
@@ -376,9 +380,48 @@ def test_keep_plan_steps_the_v_rows_as_one_strided_view(start, n):
                                                          if first_full <= 4 * b + 2 and 4 * b + 4 <= last_full}
     else:  # at most one V run, cut by an end of the region: stepped as a view of its own
         assert plan.strided is None or plan.strided[1][0] == 1
-    few = _KeepPlan(start, n, width, keep, min_run=10 ** 6, strided_rows=v_rows,
-                    min_view=3 * 2 * width + 1)
+    few = _plan(start, n, width, keep, min_run=10 ** 6, strided_rows=v_rows, min_view=3 * 2 * width + 1)
     assert few.strided is None and len(few.gather_rows) == int(keep[first_full:last_full].sum())
+
+
+def test_keep_plans_of_a_batch_equal_the_plans_made_one_by_one():
+    """The handle plans every target of a rank in one batch (shards of different widths, cut at
+    different places, some lying inside one row, with and without a strided view, with long runs
+    and without); each plan is the one its shard gets alone, and covers exactly its kept
+    entries. A batch refuses a mask that freezes a row of a strided view."""
+    import numpy as np
+
+    from megatron_longact.longact.optimizer import _PlanBatch, _ShardRows
+
+    rows, gen = 12, np.random.default_rng(0)
+    v_rows = np.tile([False, False, True, True], 3)
+    shards, keeps = [], []
+    for width in (8, 1):
+        for start, n in [(0, 96), (3, 93), (20, 50), (41, 6), (9, 2), (0, 12), (5, 4)]:
+            if start + n > rows * width:
+                continue
+            for strided in (None, v_rows):
+                shards.append(_ShardRows(start, n, width, rows, min_run=2 * width, strided_rows=strided,
+                                         min_view=0))
+                keeps.append(v_rows | (gen.random(rows) < 0.5))
+    keep_TP = np.stack(keeps)
+    batch = _PlanBatch(shards).plans(keep_TP)
+    assert any(p.strided for p in batch) and any(len(p.runs) > 1 for p in batch)
+    for shard, keep, plan in zip(shards, keep_TP, batch):
+        alone = _PlanBatch([shard]).plans(keep[None])[0]
+        assert plan.runs == alone.runs and plan.strided == alone.strided
+        assert np.array_equal(plan.gather_rows, alone.gather_rows)
+        assert torch.equal(plan.frozen_weights, alone.frozen_weights)
+        flat = torch.zeros(shard.n)
+        for view in plan.views(flat):
+            view.add_(1.0)
+        plan._mid(flat)[torch.from_numpy(plan.gather_rows)] += 1.0
+        kept_elems = torch.from_numpy(keep).repeat_interleave(shard.width)[shard.start:shard.start + shard.n]
+        assert torch.equal(flat, kept_elems.float())
+        assert plan.frozen_weights.numel() == sum(x.numel() for x in shard.row_norms(flat))
+    keep_TP[[i for i, p in enumerate(batch) if p.strided][0], 2] = False
+    with pytest.raises(AssertionError, match="strided view"):
+        _PlanBatch(shards).plans(keep_TP)
 
 
 def test_strided_views_only_for_single_tensor_torch_adam():

@@ -120,18 +120,27 @@ class LongAct:
             return None
         return saliency_heatmap(self.last_stats.q_LC, self.last_stats.k_LC)
 
+    def local_qkv_rows_LP(self) -> np.ndarray | None:
+        """[L, P] bool TP-local row masks of this rank's attention layers' ``linear_qkv`` (True =
+        update), in the order of ``gpt_models``' decoder layers; None while no mask is active."""
+        if not self.state.active:
+            return None
+        idx = np.array([layer.layer_number - 1 for model in self.gpt_models
+                        for layer in model.decoder.layers], dtype=np.int64)
+        # host arithmetic in numpy (small arrays every step; no torch CPU kernels on a GPU node)
+        return self.geometry.local_row_mask(self.state.q_keep_LC.numpy()[idx],
+                                            self.state.k_keep_LC.numpy()[idx],
+                                            self.groups.tp_rank, self.groups.tp_size).numpy()
+
     def local_qkv_row_masks(self) -> list[tuple[torch.nn.Module, torch.Tensor]]:
         """For each of this rank's attention layers: (its linear_qkv module, the [P] bool TP-local
         row mask, True = update). Empty while no mask is active."""
-        if not self.state.active:
+        rows_LP = self.local_qkv_rows_LP()
+        if rows_LP is None:
             return []
         layers = [layer for model in self.gpt_models for layer in model.decoder.layers]
-        idx = np.array([layer.layer_number - 1 for layer in layers], dtype=np.int64)
-        # host arithmetic in numpy (small arrays every step; no torch CPU kernels on a GPU node)
-        rows_LP = self.geometry.local_row_mask(self.state.q_keep_LC.numpy()[idx],
-                                               self.state.k_keep_LC.numpy()[idx],
-                                               self.groups.tp_rank, self.groups.tp_size)
-        return [(layer.self_attention.linear_qkv, rows_LP[i]) for i, layer in enumerate(layers)]
+        return [(layer.self_attention.linear_qkv, torch.from_numpy(rows_LP[i]))
+                for i, layer in enumerate(layers)]
 
     def persistent_bytes(self) -> int:
         """Bytes this controller keeps between steps: the mask state (packed masks, churn, EMA),

@@ -139,82 +139,107 @@ def compact_state_bound(cfg: LongActConfig, geometry: QKGeometry, width: int, *,
     return (g.num_layers if local_layers is None else local_layers) * per_layer
 
 
-class _KeepPlan:
-    """The kept (updated) entries of one shard-local main tensor, as the inner optimizer sees them.
+def _nonzero_2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2-D array (row-major order), about twice as fast on small arrays."""
+    return np.divmod(np.flatnonzero(mask), mask.shape[1])
 
-    A shard covers elements [start, start + n) of the flattened TP-local weight, rows of ``width``
-    elements: a partial head row, whole rows, and a partial tail row (under the distributed
-    optimizer a shard may start and end mid-row). The kept entries split into entries stepped in
-    place and the remaining kept whole rows, gathered into one compact [rows, width] tensor
-    (``gather_rows``, row indices of the shard's whole-row region). Stepped in place are
-    contiguous element ranges of the flat shard (``runs``: long runs of kept whole rows, and kept
-    partial edge rows) and, when ``strided_rows`` is given (rows never masked, the V rows; only
-    for optimizers that :func:`takes_strided_params`), one strided view of those of its rows that
-    form equally long, equally spaced runs inside the whole-row region, if they hold at least
-    ``min_view`` elements (``strided``). It also
-    records which of the shard's pieces (partial head row, whole rows, partial tail row) are frozen
-    (``frozen_weights``), for the logged norm (:meth:`row_norms`).
+
+class _ShardRows:
+    """Where one shard-local main tensor lies in the rows of its TP-local weight: what its keep
+    plans share whatever the mask (made once per target; :class:`_PlanBatch` makes the plans).
+
+    A shard covers elements [start, start + n) of the flattened TP-local weight of ``rows`` rows
+    of ``width`` elements: a partial head row, whole rows (the whole-row region ``mid``: offset in
+    the flat shard and row count) and a partial tail row; under the distributed optimizer a shard
+    may start and end mid-row, or lie inside one row (then all of it is the tail piece). When
+    ``strided_rows`` is given (rows never masked, the V rows; only for optimizers that
+    :func:`takes_strided_params`), those of its rows inside the whole-row region that form equally
+    long, equally spaced runs are stepped as one strided view (``strided``: element offset, size,
+    stride) if they hold at least ``min_view`` elements. Runs of kept whole rows of at least
+    ``min_run`` elements are stepped in place.
     """
 
-    def __init__(self, start: int, n: int, width: int, keep_rows: torch.Tensor,
-                 min_run: int | None = None, strided_rows: np.ndarray | None = None,
-                 min_view: int | None = None):
+    def __init__(self, start: int, n: int, width: int, rows: int, *, min_run: int | None = None,
+                 strided_rows: np.ndarray | None = None, min_view: int | None = None):
         min_run = MIN_IN_PLACE_RUN if min_run is None else min_run
         min_view = MIN_STRIDED_VIEW if min_view is None else min_view
-        keep = keep_rows.numpy()  # host arithmetic in numpy: a few small arrays per layer
-        first_full = -(-start // width)
-        end = start + n
+        self.start, self.n, self.width, self.rows = start, n, width, rows
+        first_full, end = -(-start // width), start + n
         last_full = end // width
-        self.width = width
-        runs: list[tuple[int, int]] = []  # [a, b) element ranges of the flat shard
-        # (element offset, size, stride) of one strided view of the flat shard, or None
+        self.first_full = first_full
+        self.region = np.zeros(rows, dtype=bool)  # the whole rows
+        self.in_view = np.zeros(rows, dtype=bool)  # the rows of the strided view
         self.strided: tuple[int, tuple[int, int], tuple[int, int]] | None = None
-        gather_rows = np.zeros(0, dtype=np.int64)
+        self.head_row = self.tail_row = None  # the rows of the partial pieces
         if first_full <= last_full:
             off = first_full * width - start
             self.mid = (off, last_full - first_full)
-            if start < first_full * width and keep[first_full - 1]:
-                runs.append((0, off))
-            kept = keep[first_full:last_full]
+            self.region[first_full:last_full] = True
+            if start < first_full * width:
+                self.head_row = first_full - 1
+            if last_full * width < end:
+                self.tail_row = last_full
             regular = None if strided_rows is None else _regular_runs(strided_rows[first_full:last_full])
             if regular is not None and regular[2] * regular[3] * width >= min_view:
                 first, period, length, count = regular
-                in_view = np.zeros(kept.size, dtype=bool)
                 for i in range(count):
-                    in_view[first + i * period:first + i * period + length] = True
-                if not kept[in_view].all():
-                    raise AssertionError("LongAct: rows to step as a strided view are not all kept")
+                    a = first_full + first + i * period
+                    self.in_view[a:a + length] = True
                 self.strided = (off + first * width, (count, length * width), (period * width, 1))
-                kept = kept & ~in_view
-            run_start, run_end = _true_runs(kept)
-            long = (run_end - run_start) * width >= min_run
-            runs.extend((off + int(a) * width, off + int(b) * width)
-                        for a, b in zip(run_start[long], run_end[long]))
-            in_long_run = np.repeat(long, run_end - run_start)  # per kept row, in row order
-            gather_rows = np.flatnonzero(kept)[~in_long_run]
-            if last_full * width < end and keep[last_full]:
-                runs.append((last_full * width - start, n))
-            self.has_head = start < first_full * width
-            self.has_tail = last_full * width < end
-            frozen = np.concatenate([~keep[first_full - 1:first_full][:int(self.has_head)],
-                                     ~keep[first_full:last_full],
-                                     ~keep[last_full:last_full + 1][:int(self.has_tail)]])
-        else:  # the shard lies inside one row: no whole rows, all of it is the tail piece
+        else:  # inside one row
             self.mid = (0, 0)
-            if keep[start // width]:
-                runs.append((0, n))
-            self.has_head, self.has_tail = False, True
-            frozen = ~keep[start // width:start // width + 1]
-        # 1.0 for each frozen piece, in the order of row_norms; on the host (the handle moves all
-        # targets' weights to the device in one copy, :func:`to_device`)
-        self.frozen_weights = torch.from_numpy(frozen.astype(np.float64))
-        self.runs = runs
-        self.gather_rows = gather_rows.astype(np.int64)
-        self.gather_rows_dev: torch.Tensor | None = None  # the same on the device, set by the handle
+            self.tail_row = start // width
+        self.has_head, self.has_tail = self.head_row is not None, self.tail_row is not None
+        self.tail_offset = self.mid[0] + self.mid[1] * width  # where the tail piece starts
+        # The pieces of row_norms (head row, whole rows, tail row) in row order.
+        self.pieces = self.region.copy()
+        for r in (self.head_row, self.tail_row):
+            if r is not None:
+                self.pieces[r] = True
+        self.min_run_rows = -(-min_run // width)  # a kept run this long is stepped in place
 
     def _mid(self, flat: torch.Tensor) -> torch.Tensor:
         off, rows = self.mid
         return flat[off:off + rows * self.width].view(rows, self.width)
+
+    def row_norms(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The 2-norms of the shard's pieces in one read of ``flat``, in row order (the order of a
+        plan's ``frozen_weights``): the partial head row, each whole row, the partial tail row.
+
+        ``flat`` stays in its own dtype: each row's norm is accumulated in fp32 by the reduction
+        and rounded to that dtype (for bf16 gradients, 2^-8 relative per row; the sums, and the
+        logged fraction, are good to about 1e-4). Casting the whole gradient to fp32 first would
+        read it once more and write a copy twice its size, for a logged metric."""
+        off = self.mid[0]
+        norms = [torch.linalg.vector_norm(self._mid(flat), dim=1)]
+        if self.has_head:  # at most two partial rows, in fp32
+            norms.insert(0, torch.linalg.vector_norm(flat[:off].float()).reshape(1))
+        if self.has_tail:
+            norms.append(torch.linalg.vector_norm(flat[self.tail_offset:].float()).reshape(1))
+        return norms
+
+
+class _KeepPlan:
+    """The kept (updated) entries of one shard-local main tensor under one mask, as the inner
+    optimizer sees them: contiguous element ranges of the flat shard stepped in place (``runs``:
+    long runs of kept whole rows, kept partial edge rows), the shard's strided view of the V rows
+    if it has one, and the other kept whole rows, gathered into one compact [rows, width] tensor
+    (``gather_rows``, row indices in the whole-row region). ``frozen_weights`` holds 1.0 for each
+    frozen piece of :meth:`_ShardRows.row_norms`, for the logged norm."""
+
+    def __init__(self, shard: _ShardRows, runs: list[tuple[int, int]], gather_rows: np.ndarray,
+                 frozen_weights: torch.Tensor):
+        self.shard = shard
+        self.width, self.mid, self.strided = shard.width, shard.mid, shard.strided
+        self.runs = runs  # [a, b) element ranges of the flat shard
+        self.gather_rows = gather_rows
+        self.gather_rows_dev: torch.Tensor | None = None  # the same on the device, set by the handle
+        # on the host until the handle moves all targets' weights to the device in one copy
+        # (:func:`to_device`)
+        self.frozen_weights = frozen_weights
+
+    def _mid(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.shard._mid(flat)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The entries stepped in place, as views of ``flat``: the runs, then the strided view."""
@@ -225,20 +250,57 @@ class _KeepPlan:
         return views
 
     def row_norms(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """The 2-norms of the shard's pieces in one read of ``flat``, in the order of
-        :attr:`frozen_weights`: the partial head row, each whole row, the partial tail row.
+        return self.shard.row_norms(flat)
 
-        ``flat`` stays in its own dtype: each row's norm is accumulated in fp32 by the reduction
-        and rounded to that dtype (for bf16 gradients, 2^-8 relative per row; the sums, and the
-        logged fraction, are good to about 1e-4). Casting the whole gradient to fp32 first would
-        read it once more and write a copy twice its size, for a logged metric."""
-        off, rows = self.mid
-        norms = [torch.linalg.vector_norm(self._mid(flat), dim=1)]
-        if self.has_head:  # at most two partial rows, in fp32
-            norms.insert(0, torch.linalg.vector_norm(flat[:off].float()).reshape(1))
-        if self.has_tail:
-            norms.append(torch.linalg.vector_norm(flat[off + rows * self.width:].float()).reshape(1))
-        return norms
+
+class _PlanBatch:
+    """Keep plans of several shards at once (every linear_qkv target of a rank, whose TP-local
+    weights have the same row count): the host work of a mask change is a few numpy operations
+    on [shards, rows] arrays instead of a dozen per shard, which on a GPU node's host cost about
+    0.1 ms a layer (docs/performance.md)."""
+
+    def __init__(self, shards: list[_ShardRows]):
+        if len({s.rows for s in shards}) > 1:
+            raise ValueError("LongAct: keep plans batch shards of weights with the same row count")
+        self.shards = shards
+        shape = (len(shards), shards[0].rows if shards else 0)
+        self.region = np.array([s.region for s in shards], dtype=bool).reshape(shape)
+        self.in_view = np.array([s.in_view for s in shards], dtype=bool).reshape(shape)
+        self.pieces = np.array([s.pieces for s in shards], dtype=bool).reshape(shape)
+        self.piece_ends = np.cumsum(self.pieces.sum(axis=1))[:-1]
+        self.first_full = np.array([s.first_full for s in shards], dtype=np.int64)
+        self.min_run_rows = np.array([s.min_run_rows for s in shards], dtype=np.int64)
+        # Only shards whose whole-row region can hold a long run need the search for them.
+        self.runs_possible = any(s.mid[1] >= s.min_run_rows for s in shards)
+
+    def plans(self, keep_TP: np.ndarray) -> list[_KeepPlan]:
+        """One plan per shard; ``keep_TP``: [shards, rows] bool, True = the row is updated."""
+        keep = np.asarray(keep_TP, dtype=bool)
+        if (self.in_view & ~keep).any():
+            raise AssertionError("LongAct: rows to step as a strided view are not all kept")
+        gathered = keep & self.region & ~self.in_view
+        long_runs: list[list[tuple[int, int]]] = [[] for _ in self.shards]
+        if self.runs_possible:
+            edges = np.diff(gathered.astype(np.int8), axis=1, prepend=0, append=0)
+            which, starts = _nonzero_2d(edges == 1)
+            ends = _nonzero_2d(edges == -1)[1]  # row-major order pairs each start with its end
+            long = ends - starts >= self.min_run_rows[which]
+            for t, a, b in zip(which[long].tolist(), starts[long].tolist(), ends[long].tolist()):
+                gathered[t, a:b] = False
+                long_runs[t].append((a, b))
+        which, rows = _nonzero_2d(gathered)
+        gather_rows = np.split(rows - self.first_full[which], np.cumsum(gathered.sum(axis=1))[:-1])
+        frozen = np.split((~keep)[self.pieces].astype(np.float64), self.piece_ends)
+        plans = []
+        for t, s in enumerate(self.shards):
+            off, width = s.mid[0], s.width
+            runs = [(0, off)] if s.has_head and keep[t, s.head_row] else []
+            runs += [(off + (a - s.first_full) * width, off + (b - s.first_full) * width)
+                     for a, b in long_runs[t]]
+            if s.has_tail and keep[t, s.tail_row]:
+                runs.append((s.tail_offset, s.n))
+            plans.append(_KeepPlan(s, runs, gather_rows[t], torch.from_numpy(frozen[t])))
+        return plans
 
 
 def squared_norm_sums(norms: list[torch.Tensor], frozen_weights: list[torch.Tensor]) -> torch.Tensor:
@@ -254,18 +316,14 @@ class _Target:
 
     def __init__(self, ref: MainParamRef, row_slot: int, row_width: int, v_rows_P: np.ndarray):
         self.ref = ref
-        self.row_slot = row_slot  # index into LongAct.local_qkv_row_masks()
+        self.row_slot = row_slot  # index into LongAct.local_qkv_rows_LP()
         self.row_width = row_width  # elements per row (hidden size for the weight, 1 for the bias)
         # TP-local V rows, stepped as one strided view when the torch optimizer takes it
         self.strided_rows = v_rows_P if takes_strided_params(ref.torch_optimizer) else None
+        self.shard = _ShardRows(ref.flat_start, ref.main_param.numel(), row_width, v_rows_P.size,
+                                strided_rows=self.strided_rows)
         self.plan: _KeepPlan | None = None  # kept entries of the main shard, this step only
         self.frozen_rows: torch.Tensor | None = None  # TP-local indices of the frozen rows
-
-    def keep_plan(self, keep_rows_P: torch.Tensor) -> _KeepPlan:
-        """The shard's keep plan, its ``frozen_weights`` still on the host."""
-        main = self.ref.main_param
-        return _KeepPlan(self.ref.flat_start, main.numel(), self.row_width, keep_rows_P.cpu(),
-                         strided_rows=self.strided_rows)
 
 
 def _plain_state(torch_opt, state_dict: dict) -> dict:
@@ -291,6 +349,8 @@ class LongActHandle:
         self._freeze_plans: dict[int, tuple] = {}
         self._plans_step = None
         self._targets = self._find_targets(main_param_refs(optimizer)) if cfg.enabled else []
+        self._row_slots = np.array([t.row_slot for t in self._targets], dtype=np.int64)
+        self._plan_batch = _PlanBatch([t.shard for t in self._targets])
         self._orig_step = optimizer.step
         self._hook_handles = []
         if cfg.enabled:
@@ -375,16 +435,16 @@ class LongActHandle:
     def _step(self, *args, **kwargs):
         with self._timed("end_step"):
             self.longact.end_step(self.step_count)
-            rows = self.longact.local_qkv_row_masks()
-        freezing = self.cfg.strategy != "none" and bool(rows)
+            rows_LP = self.longact.local_qkv_rows_LP()
+        freezing = self.cfg.strategy != "none" and rows_LP is not None
         if freezing and self._plans_step != self.longact.state.last_mask_step:
             with self._timed("plans"):
-                self._freeze_plans = self._make_freeze_plans(rows)
+                self._freeze_plans = self._make_freeze_plans(rows_LP)
             self._plans_step = self.longact.state.last_mask_step
         for t in self._targets:
             t.plan, t.frozen_rows = self._freeze_plans[id(t)] if freezing else (None, None)
         with self._timed("zero"):
-            self._removed_fraction = self._zero_frozen_grads(rows) if freezing else None
+            self._removed_fraction = self._zero_frozen_grads() if freezing else None
         try:
             result = self._orig_step(*args, **kwargs)
         finally:
@@ -401,28 +461,30 @@ class LongActHandle:
         self.step_count += 1
         return result
 
-    def _make_freeze_plans(self, rows) -> dict[int, tuple[_KeepPlan, torch.Tensor]]:
+    def _make_freeze_plans(self, rows_LP: np.ndarray) -> dict[int, tuple[_KeepPlan, torch.Tensor]]:
         """Per target: the shard-local keep plan (for the main params and state) and the TP-local
         frozen row indices (for the gradients), rebuilt only when the mask changes. Host
-        arithmetic; what the device needs (norm weights, frozen and gathered row indices) goes
-        there in two copies per device for all targets."""
-        plans = {id(t): t.keep_plan(rows[t.row_slot][1]) for t in self._targets}
-        frozen = {id(t): np.flatnonzero(~rows[t.row_slot][1].cpu().numpy()) for t in self._targets}
-        by_device: dict[torch.device, list[_Target]] = {}
-        for t in self._targets:
-            by_device.setdefault(t.ref.model_param.device, []).append(t)
+        arithmetic on all targets at once (:class:`_PlanBatch`); what the device needs (norm
+        weights, frozen and gathered row indices) goes there in two copies per device."""
+        if not self._targets:
+            return {}
+        keep_TP = rows_LP[self._row_slots]
+        plans = self._plan_batch.plans(keep_TP)
+        frozen = np.split(_nonzero_2d(~keep_TP)[1], np.cumsum((~keep_TP).sum(axis=1))[:-1])
+        by_device: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(self._targets):
+            by_device.setdefault(t.ref.model_param.device, []).append(i)
         out = {}
-        for device, targets in by_device.items():
-            weights = to_device([plans[id(t)].frozen_weights.numpy() for t in targets], device)
-            indices = to_device([frozen[id(t)] for t in targets]
-                                + [plans[id(t)].gather_rows for t in targets], device)
-            for t, w, idx, rows in zip(targets, weights, indices, indices[len(targets):]):
-                plans[id(t)].frozen_weights = w
-                plans[id(t)].gather_rows_dev = rows
-                out[id(t)] = (plans[id(t)], idx)
+        for device, idx in by_device.items():
+            weights = to_device([plans[i].frozen_weights.numpy() for i in idx], device)
+            indices = to_device([frozen[i] for i in idx] + [plans[i].gather_rows for i in idx], device)
+            for i, w, frozen_dev, gather_dev in zip(idx, weights, indices, indices[len(idx):]):
+                plans[i].frozen_weights = w
+                plans[i].gather_rows_dev = gather_dev
+                out[id(self._targets[i])] = (plans[i], frozen_dev)
         return out
 
-    def _zero_frozen_grads(self, rows) -> torch.Tensor:
+    def _zero_frozen_grads(self) -> torch.Tensor:
         """Zero frozen rows of the model gradients; return [total, removed] squared linear_qkv
         gradient norms over the gradient values the optimizers own, reduced like the grad norm."""
         norms, weights = [], []

@@ -153,6 +153,46 @@ def test_frozen_rows_are_bit_identical(dtype, distributed, layout):
         assert real == 4 * 61 * 64 * 16
 
 
+def _run_one_layer(runtime, steps):
+    """A one-layer model under the distributed optimizer: (targets, logged removed fraction) of
+    each step."""
+    import dataclasses
+    from functools import partial
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_longact.longact.optimizer import install
+    from megatron_longact.training.engine import setup_engine, train_step
+    from megatron_longact.training.lm import _forward_step, micro_batches_for_step
+
+    train = TrainConfig(steps=steps, seq_length=32, micro_batch_size=2, global_batch_size=4, lr=LR,
+                        weight_decay=WD, use_distributed_optimizer=True)
+    engine = setup_engine(dataclasses.replace(_tiny("bf16"), num_layers=1), train, runtime.parallel)
+    handle = install(engine.model, engine.optimizer, LongActConfig(warmup_steps=0))
+    num_mb = train.num_microbatches(ps.get_data_parallel_world_size())
+    out = []
+    for step in range(steps):
+        train_step(engine, partial(_forward_step, handle),
+                   iter(micro_batches_for_step(step, engine, runtime.device)), num_mb,
+                   train.seq_length, train.micro_batch_size)
+        out.append((len(handle._targets), handle.metrics["longact/grad_norm_removed_fraction_qkv"]))
+    return out
+
+
+def test_a_dp_rank_that_owns_no_linear_qkv_joins_the_norm_reduction():
+    """Under the distributed optimizer a DP rank may own no part of any linear_qkv weight (one
+    layer at DP=2: the other rank owns all of it). It still joins the reduction of the logged
+    norm, so the ranks' collectives stay matched (before, gloo failed with a collective mismatch;
+    NCCL would hang) and every rank logs the fraction a single rank computes."""
+    dp2 = run_distributed(_run_one_layer, args=(2,), dp=2)
+    dp1 = run_distributed(_run_one_layer, args=(2,), dp=1)[0]
+    assert sorted(steps[0][0] for steps in dp2) == [0, 1], "the case is not exercised"
+    for step in range(2):
+        fractions = [steps[step][1] for steps in dp2]
+        assert fractions[0] == fractions[1] and 0.0 < fractions[0] < 1.0
+        assert fractions[0] == pytest.approx(dp1[step][1], rel=0.02)
+
+
 def test_strategy_none_is_bit_identical_to_plain_megatron():
     plain = run_distributed(_run, args=("bf16", True, None, 3), tp=2)
     none = run_distributed(_run, args=("bf16", True, LongActConfig(strategy="none"), 3), tp=2)

@@ -32,7 +32,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from megatron_longact.compat import MainParamRef, main_param_refs
+from megatron_longact.compat import MainParamRef, inner_optimizers, main_param_refs
 from megatron_longact.longact.compact_state import CompactRows, SyncedState, compact_rows_bytes, to_device
 from megatron_longact.longact.config import LongActConfig
 from megatron_longact.longact.controller import LongAct, LongActGroups, megatron_groups
@@ -350,6 +350,7 @@ class LongActHandle:
         self._plans_step = None
         self._targets = self._find_targets(main_param_refs(optimizer)) if cfg.enabled else []
         self._row_slots = np.array([t.row_slot for t in self._targets], dtype=np.int64)
+        self._norm_groups = self._find_norm_groups() if cfg.enabled and cfg.strategy != "none" else []
         self._plan_batch = _PlanBatch([t.shard for t in self._targets])
         self._orig_step = optimizer.step
         self._hook_handles = []
@@ -488,7 +489,6 @@ class LongActHandle:
         """Zero frozen rows of the model gradients; return [total, removed] squared linear_qkv
         gradient norms over the gradient values the optimizers own, reduced like the grad norm."""
         norms, weights = [], []
-        groups = {}
         for t in self._targets:
             p = t.ref.model_param
             grad = getattr(p, "main_grad", None)
@@ -502,17 +502,33 @@ class LongActHandle:
             grad.index_fill_(0, t.frozen_rows, 0)
             if p.grad is not None and p.grad is not grad:
                 p.grad.index_fill_(0, t.frozen_rows, 0)
-            group = t.ref.megatron_optimizer.get_grad_stats_parallel_group()
-            groups[id(group)] = group
         if norms:
             sums = squared_norm_sums(norms, weights)
         else:  # this DP rank owns no part of any linear_qkv weight
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
             sums = torch.zeros(2, dtype=torch.float64, device=device)
-        for group in groups.values():  # one group in practice; the norm's own reduction group
-            if group is not None:
-                collectives.all_reduce(sums, group)
+        for group in self._norm_groups:
+            collectives.all_reduce(sums, group)
         return sums
+
+    def _find_norm_groups(self) -> list:
+        """The groups :meth:`_zero_frozen_grads` reduces over: the gradient-norm groups of the
+        megatron optimizers that hold a linear_qkv shard on any rank (one in practice), the same
+        list on every rank. A rank cannot read it off its own targets: under the distributed
+        optimizer a DP rank may own no part of any linear_qkv weight (a small model at a large
+        DP), and it must still join the reductions the other ranks make. So which optimizers hold
+        one is agreed on over all ranks, once."""
+        inner = inner_optimizers(self.optimizer)
+        holds = torch.zeros(len(inner), dtype=torch.float64)
+        for t in self._targets:
+            holds[next(i for i, opt in enumerate(inner) if opt is t.ref.megatron_optimizer)] = 1
+        collectives.all_reduce(holds, None, op="max")
+        groups = []
+        for i in torch.nonzero(holds).flatten().tolist():
+            group = inner[i].get_grad_stats_parallel_group()
+            if group is not None and all(group is not g for g in groups):
+                groups.append(group)
+        return groups
 
     def _compact(self, torch_opt, args, kwargs) -> None:
         """The torch optimizer's step pre-hook: :meth:`_gather`, timed when timing is on."""

@@ -80,10 +80,22 @@ def takes_strided_params(torch_opt) -> bool:
     return True
 
 
-def _true_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Start and end (exclusive) indices of the runs of True in a 1-D bool array."""
-    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
-    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+def _nonzero_2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2-D array (row-major order), about twice as fast on small arrays."""
+    return np.divmod(np.flatnonzero(mask), mask.shape[1])
+
+
+def _columns_per_row(mask: np.ndarray) -> list[np.ndarray]:
+    """The indices of the True entries of each row of a 2-D bool array."""
+    return np.split(_nonzero_2d(mask)[1], np.cumsum(mask.sum(axis=1))[:-1])
+
+
+def _runs_per_row(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The runs of True along each row of a 2-D bool array: their row, start and end (exclusive)
+    indices, in row-major order."""
+    edges = np.diff(mask.astype(np.int8), axis=1, prepend=0, append=0)
+    which, starts = _nonzero_2d(edges == 1)
+    return which, starts, _nonzero_2d(edges == -1)[1]  # row-major order pairs starts and ends
 
 
 def _regular_runs(rows: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -91,7 +103,7 @@ def _regular_runs(rows: np.ndarray) -> tuple[int, int, int, int] | None:
     long and equally spaced (the V rows of consecutive query groups); an edge run shorter than the
     others (cut by that end of ``rows``) is left out, a lone run is taken as it is. None when there
     is no such run or they are irregular."""
-    starts, ends = _true_runs(rows)
+    _, starts, ends = _runs_per_row(rows[None])
     if starts.size == 0:
         return None
     lengths = ends - starts
@@ -137,11 +149,6 @@ def compact_state_bound(cfg: LongActConfig, geometry: QKGeometry, width: int, *,
     if bias:  # one element per row: every V run is short
         per_layer += compact_rows_bytes(q_keep + k_keep + k_local, 1)
     return (g.num_layers if local_layers is None else local_layers) * per_layer
-
-
-def _nonzero_2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.nonzero`` of a 2-D array (row-major order), about twice as fast on small arrays."""
-    return np.divmod(np.flatnonzero(mask), mask.shape[1])
 
 
 class _ShardRows:
@@ -281,15 +288,12 @@ class _PlanBatch:
         gathered = keep & self.region & ~self.in_view
         long_runs: list[list[tuple[int, int]]] = [[] for _ in self.shards]
         if self.runs_possible:
-            edges = np.diff(gathered.astype(np.int8), axis=1, prepend=0, append=0)
-            which, starts = _nonzero_2d(edges == 1)
-            ends = _nonzero_2d(edges == -1)[1]  # row-major order pairs each start with its end
+            which, starts, ends = _runs_per_row(gathered)
             long = ends - starts >= self.min_run_rows[which]
             for t, a, b in zip(which[long].tolist(), starts[long].tolist(), ends[long].tolist()):
                 gathered[t, a:b] = False
                 long_runs[t].append((a, b))
-        which, rows = _nonzero_2d(gathered)
-        gather_rows = np.split(rows - self.first_full[which], np.cumsum(gathered.sum(axis=1))[:-1])
+        gather_rows = _columns_per_row(gathered)
         frozen = np.split((~keep)[self.pieces].astype(np.float64), self.piece_ends)
         plans = []
         for t, s in enumerate(self.shards):
@@ -299,7 +303,7 @@ class _PlanBatch:
                      for a, b in long_runs[t]]
             if s.has_tail and keep[t, s.tail_row]:
                 runs.append((s.tail_offset, s.n))
-            plans.append(_KeepPlan(s, runs, gather_rows[t], torch.from_numpy(frozen[t])))
+            plans.append(_KeepPlan(s, runs, gather_rows[t] - s.first_full, torch.from_numpy(frozen[t])))
         return plans
 
 
@@ -471,7 +475,7 @@ class LongActHandle:
             return {}
         keep_TP = rows_LP[self._row_slots]
         plans = self._plan_batch.plans(keep_TP)
-        frozen = np.split(_nonzero_2d(~keep_TP)[1], np.cumsum((~keep_TP).sum(axis=1))[:-1])
+        frozen = _columns_per_row(~keep_TP)
         by_device: dict[torch.device, list[int]] = {}
         for i, t in enumerate(self._targets):
             by_device.setdefault(t.ref.model_param.device, []).append(i)

@@ -8,6 +8,11 @@ For each case, two engines with identical weights (bf16, DistributedOptimizer): 
 - ``qwen3_8b_qkv``: one Qwen3-8B attention layer shape (hidden 4096, 32 heads, 8 groups, head dim
   128, so linear_qkv is 6144 x 4096) where only linear_qkv trains: the DistributedOptimizer step
   of that one weight;
+- ``llama3_70b_qkv_tp8``: what one TP rank of Llama-3-70B at TP=8 holds of one attention layer
+  (hidden 8192, 8 of the 64 heads, 1 of the 8 query groups, head dim 128: linear_qkv is
+  1280 x 8192), built as a one-layer model of that shape in which only linear_qkv trains. A
+  rank's share of the global top-k differs a little from rank to rank; this case's mask keeps the
+  same 30% within the layer;
 - ``tiny`` (only with ``--cases tiny``): the 0.2 M-parameter test model, dominated by per-op cost.
 
 Each case runs twice, first with the host allocator as configured, then with freed memory kept
@@ -26,7 +31,7 @@ with the logged norm, the gathers before the torch optimizer steps, the scatter 
 torch optimizer's own work, timed between the hooks, for the plain and the LongAct side: the
 latter is what the skipped rows save.
 
-Run: python benchmarks/optimizer_overhead.py [--iters 20] [--cases small,qwen3_8b_qkv]
+Run: python benchmarks/optimizer_overhead.py [--iters 20] [--cases small,qwen3_8b_qkv,llama3_70b_qkv_tp8]
      [--allocator default,reuse] [--phases]
 """
 
@@ -52,15 +57,21 @@ def _case(name: str):
 
     if name in ("small", "tiny"):
         return load_run_config(str(ROOT / f"configs/model/{name}.yaml")).model, None
-    if name == "qwen3_8b_qkv":
-        full = load_run_config(str(ROOT / "configs/model/qwen3_8b.yaml")).model
-        # One layer with the real attention shape; a small vocabulary and FFN keep the (untimed)
-        # forward/backward cheap. Only linear_qkv trains, so the timed step is that weight's.
+    layer_cases = {"qwen3_8b_qkv": ("qwen3_8b", 1), "llama3_70b_qkv_tp8": ("llama3_70b", 8)}
+    if name in layer_cases:
+        config, tp = layer_cases[name]
+        full = load_run_config(str(ROOT / f"configs/model/{config}.yaml")).model
+        # One layer with the real attention shape (a TP rank's heads and query groups); a small
+        # vocabulary and FFN keep the (untimed) forward/backward cheap. Only linear_qkv trains,
+        # so the timed step is that weight's.
         cfg = dataclasses.replace(full, num_layers=1, ffn_hidden_size=256, vocab_size=263,
-                                  max_position_embeddings=512)
+                                  max_position_embeddings=512,
+                                  num_attention_heads=full.num_attention_heads // tp,
+                                  num_query_groups=full.num_query_groups // tp)
         assert isinstance(cfg, ModelConfig)
         return cfg, (lambda n: n.endswith("self_attention.linear_qkv.weight"))
-    raise ValueError(f"--cases: unknown case {name!r}; expected small, qwen3_8b_qkv or tiny")
+    raise ValueError(f"--cases: unknown case {name!r}; expected small, qwen3_8b_qkv, "
+                     "llama3_70b_qkv_tp8 or tiny")
 
 
 def measure(model_cfg, trainable, iters: int, seq: int, parallel, device, phases: bool = False):
@@ -162,7 +173,7 @@ def main() -> int:
 
     p = argparse.ArgumentParser()
     p.add_argument("--iters", type=at_least(1), default=20)
-    p.add_argument("--cases", default="small,qwen3_8b_qkv")
+    p.add_argument("--cases", default="small,qwen3_8b_qkv,llama3_70b_qkv_tp8")
     p.add_argument("--seq", type=at_least(8), default=64)
     p.add_argument("--allocator", default="default,reuse",
                    help="comma-separated, in this order: default (glibc as configured), reuse (freed "
@@ -188,7 +199,7 @@ def main() -> int:
     with StolenTime() as stolen:  # the timed cases
         print(f"{torch.get_num_threads()} threads, single process (DP=1, TP=1), median of {args.iters} "
               f"optimizer steps per case, LongAct defaults (keep_ratio 0.3, every_step)")
-        print(f"  {'case':14s} {'trained params':>15s} {'plain ms':>10s} {'LongAct ms':>11s} {'ratio':>7s}")
+        print(f"  {'case':18s} {'trained params':>15s} {'plain ms':>10s} {'LongAct ms':>11s} {'ratio':>7s}")
         for allocator in allocators:
             if allocator == "reuse" and not _reuse_freed_memory():
                 print("  (reuse: glibc's mallopt is not available here; skipped)")
@@ -198,7 +209,7 @@ def main() -> int:
                 cfg, trainable = _case(c)
                 tp, tl, n, extra, qkv, *split = measure(cfg, trainable, args.iters, args.seq,
                                                         runtime.parallel, runtime.device, args.phases)
-                print(f"  {c:14s} {n:15,d} {tp * 1e3:10.2f} {tl * 1e3:11.2f} {tl / tp:7.3f}"
+                print(f"  {c:18s} {n:15,d} {tp * 1e3:10.2f} {tl * 1e3:11.2f} {tl / tp:7.3f}"
                       f"   (target <= 1.00)   compact state + buffers {extra / 2**20:.1f} MiB "
                       f"= {extra / qkv:.0%} of the linear_qkv moments")
                 if split:

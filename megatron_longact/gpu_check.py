@@ -13,6 +13,11 @@ result, and prints one table; the exit code is 0 only when every check that ran 
 - ``stats_overhead`` / ``optimizer_overhead``: a Qwen3-0.6B-shaped random model at ``--seq``,
   forward+backward with LongAct statistics on versus off, and the optimizer step with LongAct
   versus plain megatron-core, alternated in one process; the ratios are printed.
+- ``optimizer_overhead_70b``: the same optimizer comparison on what one GPU of Llama-3-70B holds
+  at TP=8, PP=8: 10 layers of a TP rank's shapes (8 of the 64 heads, 1 of the 8 query groups,
+  hidden 8192, FFN 28672 / 8), every parameter training, at ``--seq`` up to 2048 (the optimizer
+  step does not depend on it); about 55 GB for the two engines, skipped on a GPU with less than
+  64 GiB free.
 - ``generation``: greedy decoding tokens/s through megatron's KV cache.
 - ``te_spec`` / ``fp8_step`` (when transformer_engine imports): one training step with the
   Transformer Engine layer spec in BF16, then one with FP8 (hybrid, delayed scaling).
@@ -33,8 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CHECKS = ("nccl", "rl_tp1", "rl_tpN", "stats_overhead", "optimizer_overhead", "generation",
-          "te_spec", "fp8_step")
+CHECKS = ("nccl", "rl_tp1", "rl_tpN", "stats_overhead", "optimizer_overhead", "optimizer_overhead_70b",
+          "generation", "te_spec", "fp8_step")
 RESULT_TAG = "GPU_CHECK_RESULT "
 
 # A Qwen3-0.6B-shaped model (28 layers, hidden 1024, 16 heads, 8 KV groups, head dim 128) with
@@ -44,6 +49,14 @@ QWEN3_0_6B = dict(family="qwen3", num_layers=28, hidden_size=1024, ffn_hidden_si
                   max_position_embeddings=32768, rotary_base=1000000.0, qk_layernorm=True,
                   add_qkv_bias=False, tie_word_embeddings=True, norm_epsilon=1e-6,
                   params_dtype="bf16")
+# One GPU's share of Llama-3-70B at TP=8, PP=8: 10 of the 80 layers, each with a TP rank's
+# heads (8 of 64), query group (1 of 8) and FFN columns (28672 / 8); a small vocabulary, since
+# the embedding and output layer live on the first and last stages only.
+LLAMA3_70B_TP8_PP8_RANK = dict(family="llama3", num_layers=10, hidden_size=8192, ffn_hidden_size=3584,
+                               num_attention_heads=8, num_query_groups=1, head_dim=128, vocab_size=263,
+                               max_position_embeddings=8192, rotary_base=500000.0, qk_layernorm=False,
+                               add_qkv_bias=False, tie_word_embeddings=False, norm_epsilon=1e-5,
+                               params_dtype="bf16")
 # A small model whose 8 heads and 8 groups split over TP = 1, 2, 4 or 8.
 SMALL = dict(QWEN3_0_6B, num_layers=4, hidden_size=512, ffn_hidden_size=1024,
              num_attention_heads=8, num_query_groups=8, head_dim=64, max_position_embeddings=4096)
@@ -348,13 +361,13 @@ def _median_ms(fn, iters: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _big_engine(workdir: Path, seq: int):
+def _big_engine(workdir: Path, seq: int, name: str = "qwen3_0_6b", model: dict | None = None):
     from megatron_longact.run_config import load_run_config
     from megatron_longact.training.config import TrainConfig
     from megatron_longact.training.engine import setup_engine
 
     runtime = _init()
-    cfg = load_run_config(_model_yaml(workdir, "qwen3_0_6b", QWEN3_0_6B))
+    cfg = load_run_config(_model_yaml(workdir, name, QWEN3_0_6B if model is None else model))
     train = TrainConfig(steps=100, seq_length=seq, micro_batch_size=1, global_batch_size=1, lr=1e-4,
                         weight_decay=0.1)
     return runtime, cfg, train, setup_engine
@@ -399,7 +412,8 @@ def _check_stats_overhead(opts: Options, workdir: Path) -> dict:
                                         f"{b:.1f} ms on, ratio {b / a:.3f}"}
 
 
-def _check_optimizer_overhead(opts: Options, workdir: Path) -> dict:
+def _check_optimizer_overhead(opts: Options, workdir: Path, name: str = "qwen3_0_6b",
+                              model: dict | None = None, label: str = "Qwen3-0.6B shape") -> dict:
     from functools import partial
 
     from megatron_longact.longact import LongActConfig
@@ -408,7 +422,7 @@ def _check_optimizer_overhead(opts: Options, workdir: Path) -> dict:
     from megatron_longact.training.engine import forward_backward
     from megatron_longact.training.lm import _forward_step, micro_batches_for_step
 
-    runtime, cfg, train, setup_engine = _big_engine(workdir, opts.seq)
+    runtime, cfg, train, setup_engine = _big_engine(workdir, opts.seq, name, model)
     plain = setup_engine(cfg.model, train, runtime.parallel)
     masked = setup_engine(cfg.model, train, runtime.parallel)
     handle = install(masked.model, masked.optimizer, LongActConfig())
@@ -441,10 +455,26 @@ def _check_optimizer_overhead(opts: Options, workdir: Path) -> dict:
             engine.optimizer.step()
         plain_times.close_step()
     split = ", ".join(f"{k} {v:.1f}" for k, v in phases.medians_ms().items())
-    return {"status": "PASS", "detail": f"Qwen3-0.6B shape: optimizer step {a:.1f} ms plain, {b:.1f} ms "
+    return {"status": "PASS", "detail": f"{label}: optimizer step {a:.1f} ms plain, {b:.1f} ms "
                                         f"LongAct, ratio {b / a:.3f}; LongAct phases, synchronised, ms: "
                                         f"{split} (plain's torch step "
                                         f"{plain_times.medians_ms()['torch step']:.1f})"}
+
+
+def _check_optimizer_overhead_70b(opts: Options, workdir: Path) -> dict:
+    import dataclasses
+
+    import torch
+
+    # Two engines of 1.07 B parameters at 18 bytes each (bf16 weight, fp32 gradient, main weight
+    # and two moments) plus one engine's activations and Adam's temporaries: about 55 GB.
+    need = 64 * 2**30
+    if torch.cuda.is_available() and torch.cuda.mem_get_info()[0] < need:
+        free = torch.cuda.mem_get_info()[0] / 2**30
+        return {"status": "SKIP", "detail": f"{free:.0f} GiB free on the GPU; this check needs 64 GiB"}
+    return _check_optimizer_overhead(dataclasses.replace(opts, seq=min(opts.seq, 2048)), workdir,
+                                     "llama3_70b_tp8_pp8_rank", LLAMA3_70B_TP8_PP8_RANK,
+                                     "Llama-3-70B TP=8 PP=8 rank (10 layers)")
 
 
 def _check_generation(opts: Options, workdir: Path) -> dict:
@@ -504,6 +534,7 @@ WORKERS = {
     "rl_tpN": lambda opts, workdir: _check_rl(int(os.environ["WORLD_SIZE"]))(opts, workdir),
     "stats_overhead": _check_stats_overhead,
     "optimizer_overhead": _check_optimizer_overhead,
+    "optimizer_overhead_70b": _check_optimizer_overhead_70b,
     "generation": _check_generation,
     "te_spec": lambda opts, workdir: _te_step(opts, workdir, "none"),
     "fp8_step": lambda opts, workdir: _te_step(opts, workdir, "hybrid"),

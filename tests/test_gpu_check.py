@@ -85,9 +85,9 @@ def test_rl_check_worker_runs_and_asserts_on_the_cpu_runtime(tmp_path):
 
 
 def test_optimizer_overhead_check_runs_on_the_cpu_runtime(tmp_path):
-    """The optimizer_overhead check's code (timed steps, then the synchronised phase split) on the
-    CPU runtime, with gpu_check's small model in place of the Qwen3-0.6B shape (two engines of
-    that one would not fit this machine's memory)."""
+    """The optimizer_overhead checks' code (timed steps, then the synchronised phase split) on the
+    CPU runtime, with gpu_check's small model in place of the Qwen3-0.6B shape and a scaled-down
+    Llama-3-70B rank (two engines of either would not fit this machine's memory)."""
     import torch
 
     if torch.cuda.is_available():
@@ -98,7 +98,11 @@ def test_optimizer_overhead_check_runs_on_the_cpu_runtime(tmp_path):
         "from megatron_longact import gpu_check\n"
         "gpu_check.QWEN3_0_6B = gpu_check.SMALL\n"
         "row = gpu_check._check_optimizer_overhead(gpu_check.Options(seq=128, iters=2), Path(sys.argv[1]))\n"
-        "print('ROW', row['status'], row['detail'])\n")
+        "print('ROW', row['status'], row['detail'])\n"
+        "gpu_check.LLAMA3_70B_TP8_PP8_RANK = dict(gpu_check.LLAMA3_70B_TP8_PP8_RANK, num_layers=2,\n"
+        "    hidden_size=256, ffn_hidden_size=128, num_attention_heads=4, head_dim=32)\n"
+        "row = gpu_check._check_optimizer_overhead_70b(gpu_check.Options(seq=4096, iters=2), Path(sys.argv[1]))\n"
+        "print('ROW70', row['status'], row['detail'])\n")
     env = dict(os.environ, MEGATRON_LONGACT_CPU="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(gpu_check._free_port()),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -109,3 +113,6 @@ def test_optimizer_overhead_check_runs_on_the_cpu_runtime(tmp_path):
     assert row.startswith("ROW PASS") and "ratio" in row, row
     for phase in ("end_step", "plans", "zero", "gather", "torch step", "scatter", "plain's torch step"):
         assert f"{phase} " in row, (phase, row)
+    # the Llama-3-70B rank's check: the same code on its model (scaled down here), one query group
+    row70 = next((line for line in proc.stdout.splitlines() if line.startswith("ROW70 ")), None)
+    assert row70 is not None and row70.startswith("ROW70 PASS Llama-3-70B TP=8 PP=8 rank") and "ratio" in row70, row70

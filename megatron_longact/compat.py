@@ -143,7 +143,15 @@ def _run_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=Fa
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device requests of torch calls to the CPU (see the module comment)."""
 
+    # The calls handled below whatever their arguments. Any other call without keyword arguments
+    # has no device to rewrite (torch takes devices as keywords, except Tensor.to and .cuda): it
+    # runs as it is, since every torch call of the process, down to attribute reads, comes here.
+    _SPECIAL = frozenset((torch.autograd.backward, torch.Tensor.backward, torch.Tensor.cuda,
+                          torch.Tensor.type, torch.Tensor.to))
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not kwargs and func not in self._SPECIAL:
+            return func(*args)
         kwargs = dict(kwargs) if kwargs else {}
         if func is torch.autograd.backward or func is torch.Tensor.backward:
             # A mode is switched off while its handler runs; the backward pass (and the forward

@@ -88,6 +88,7 @@ class StatsCollector:
         self._layers_dev: torch.Tensor | None = None  # the same on the accumulators' device
         self._handles = []
         self._device = None
+        self._q = None  # accumulators: made by reset()
         self._mb_id = 0
         self._token_mask_SB: torch.Tensor | None = None
         self._mask_cache = None  # (key, fp32 mask, token count) of the current micro-batch
@@ -141,16 +142,32 @@ class StatsCollector:
 
     # -- accumulation ------------------------------------------------------------------------
     def reset(self) -> None:
-        """Zero the accumulators (after each reduction)."""
-        n = len(self._layers)
-        g = self.geometry
-        device = self._device or torch.device("cpu")
-        self._q = torch.zeros(n, g.q_channels, dtype=torch.float32, device=device)
-        self._k = torch.zeros(n, g.k_channels, dtype=torch.float32, device=device)
-        self._v = torch.zeros(n, g.k_channels if self.collect_v else 0, dtype=torch.float32,
-                              device=device)
-        self._count = torch.zeros(n, dtype=torch.float64, device=device)
+        """Zero the accumulators (after each reduction). Once they exist they are zeroed in
+        place, so the per-slot views the hooks add into stay valid."""
+        if self._q is not None and self._q.shape[0] == len(self._layers):
+            for t in self.accumulators():
+                t.zero_()
+        else:
+            n, g = len(self._layers), self.geometry
+            device = self._device or torch.device("cpu")
+            self._set_accumulators(
+                torch.zeros(n, g.q_channels, dtype=torch.float32, device=device),
+                torch.zeros(n, g.k_channels, dtype=torch.float32, device=device),
+                torch.zeros(n, g.k_channels if self.collect_v else 0, dtype=torch.float32, device=device),
+                torch.zeros(n, dtype=torch.float64, device=device))
         self._seen.clear()
+
+    def _set_accumulators(self, q, k, v, count) -> None:
+        """Hold these accumulators, and for each stage-local slot the views a hook adds into:
+        this rank's channel range of the slot's row as [1, channels] (Q, K and V) and its token
+        count as [1]. Made once here instead of in every hook call."""
+        self._q, self._k, self._v, self._count = q, k, v, count
+        (qlo, qhi), (klo, khi) = self._q_range, self._k_range
+        n = len(self._layers)
+        self._rows = {"q": [q[i, qlo:qhi].view(1, -1) for i in range(n)],
+                      "k": [k[i, klo:khi].view(1, -1) for i in range(n)],
+                      "v": [v[i, klo:khi].view(1, -1) for i in range(n)] if self.collect_v else []}
+        self._count_rows = [count[i:i + 1] for i in range(n)]
 
     def accumulators(self) -> list[torch.Tensor]:
         """The per-step accumulators (Q, K, V sums and token counts) this collector holds."""
@@ -168,8 +185,7 @@ class StatsCollector:
     def _to_device(self, device: torch.device) -> None:
         # Accumulate where the activations live: no host sync inside the forward pass.
         self._device = device
-        for name in ("_q", "_k", "_v", "_count"):
-            setattr(self, name, getattr(self, name).to(device))
+        self._set_accumulators(*(t.to(device) for t in self.accumulators()))
 
     def begin_microbatch(self, token_mask_SB: torch.Tensor | None = None) -> None:
         """Announce the next micro-batch; ``token_mask_SB`` [seq, batch] selects counted tokens
@@ -203,56 +219,56 @@ class StatsCollector:
         if self._seen.get(key) == self._mb_id:
             return  # activation recomputation of a micro-batch already counted
         self._seen[key] = self._mb_id
-        if self._q.device != x_SBND.device:
-            self._to_device(x_SBND.device)
-        if which != "q" and not self._k_reports:
+        # Few operations per call: on a GPU each is a launch (and any torch call some host time),
+        # and these run for q and k of every layer of every micro-batch. x is detached, so no
+        # graph is recorded without a no_grad context.
+        S, B = x_SBND.shape[:2]
+        mask_1T, tokens = self._mask(S, B, x_SBND)
+        if which == "q":
+            self._count_rows[slot].add_(tokens)  # in place on the view: one kernel
+        elif not self._k_reports:
             return  # this rank's key group is reported by another TP rank
-        target = self._q if which == "q" else self._k if which == "k" else self._v
-        lo, hi = self._q_range if which == "q" else self._k_range
-        # Few kernels per call: on a GPU each is a launch, and these run for q and k of every
-        # layer of every micro-batch.
-        with torch.no_grad():
-            S, B = x_SBND.shape[:2]
-            mask, tokens = self._mask(S, B, x_SBND.device)
-            if which == "q":
-                self._count[slot:slot + 1].add_(tokens)  # in place on the view: one kernel
-            x = x_SBND.detach()
-            # RoPE pair norms: both channels of a rotated pair get the pair's norm; the statistic
-            # is computed on the D/2 pairs and duplicated afterwards (on [heads, D], not on the
-            # activations). sqrt(a^2 + b^2) rather than torch.hypot: the same to an ulp for any
-            # activation below 1e19, and hypot's scaling makes it 2-3x slower on the CPU.
-            paired = self.point == "post_rope" and which != "v"
+        acc_1C = self._rows[which][slot]
+        x = x_SBND.detach()
+        # RoPE pair norms: both channels of a rotated pair get the pair's norm; the statistic is
+        # computed on the D/2 pairs and duplicated afterwards (on [heads, D], not on the
+        # activations). sqrt(a^2 + b^2) rather than torch.hypot: the same to an ulp for any
+        # activation below 1e19, and hypot's scaling makes it 2-3x slower on the CPU.
+        paired = self.point == "post_rope" and which != "v"
+        if paired:
+            own = x.dtype != torch.float32  # .float() copies: the copy may be overwritten
+            x = x.float()
+            half = x.shape[-1] // 2
+            sq = x.square_() if own else x.square()
+            x = (sq[..., :half] + sq[..., half:]).sqrt_()
+        else:  # |x| in fp32 (abs is exact in any dtype; in place on a converted copy)
+            x = x.float().abs_() if x.dtype != torch.float32 else x.abs()
+        if self.stat == "max_abs":
+            value_ND = (x * mask_1T.view(S, B, 1, 1)).amax(dim=(0, 1))
             if paired:
-                own = x.dtype != torch.float32  # .float() copies: the copy may be overwritten
-                x = x.float()
-                half = x.shape[-1] // 2
-                sq = x.square_() if own else x.square()
-                x = (sq[..., :half] + sq[..., half:]).sqrt_()
-            else:  # |x| in fp32 (abs is exact in any dtype; in place on a converted copy)
-                x = x.float().abs_() if x.dtype != torch.float32 else x.abs()
-            acc = target[slot, lo:hi]
-            if self.stat == "max_abs":
-                value_ND = (x * mask[:, :, None, None]).amax(dim=(0, 1))
-                if paired:
-                    value_ND = torch.cat([value_ND, value_ND], dim=-1)
-                torch.maximum(acc, value_ND.reshape(-1), out=acc)
-                return
-            xx = x.square_() if self.stat == "rms" else x
-            # sum over (s, b) of mask * xx as one [1, S*B] x [S*B, N*D] product (einsum's permutes
-            # cost 2-3x as much on the CPU); unpaired, it adds straight into the accumulator slice
-            mask_1T, xx_TC = mask.reshape(1, S * B), xx.reshape(S * B, -1)
-            if not paired:
-                acc.view(1, -1).addmm_(mask_1T, xx_TC)
-                return
-            value_ND = (mask_1T @ xx_TC).view(xx.shape[2:])
-            acc += torch.cat([value_ND, value_ND], dim=-1).reshape(-1)
+                value_ND = torch.cat([value_ND, value_ND], dim=-1)
+            torch.maximum(acc_1C, value_ND.view(1, -1), out=acc_1C)
+            return
+        xx = x.square_() if self.stat == "rms" else x
+        # sum over (s, b) of mask * xx as one [1, S*B] x [S*B, N*D] product (einsum's permutes
+        # cost 2-3x as much on the CPU); unpaired, it adds straight into the accumulator slice
+        xx_TC = xx.reshape(S * B, -1)
+        if not paired:
+            acc_1C.addmm_(mask_1T, xx_TC)
+            return
+        value_ND = (mask_1T @ xx_TC).view(xx.shape[2:])
+        acc_1C += torch.cat([value_ND, value_ND], dim=-1).view(1, -1)
 
-    def _mask(self, S: int, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The micro-batch's token mask [S, B] as fp32 on ``device`` and its token count (fp64),
-        made once per micro-batch (every layer's q, k and v share them)."""
+    def _mask(self, S: int, B: int, x_SBND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch's token mask as [1, S*B] fp32 on the activations' device and its
+        token count (fp64), made once per micro-batch (every layer's q, k and v share them). The
+        accumulators move to that device on the first micro-batch that lives there."""
         cached = self._mask_cache
-        if cached is not None and cached[0] == (self._mb_id, S, B, device):
+        if cached is not None and cached[0] == (self._mb_id, S, B):
             return cached[1], cached[2]
+        device = x_SBND.device
+        if self._q.device != device:
+            self._to_device(device)
         mask = self._token_mask_SB
         if mask is None:
             mask = torch.ones(S, B, dtype=torch.float32, device=device)
@@ -263,9 +279,10 @@ class StatsCollector:
                     f"[seq={S}, batch={B}]"
                 )
             mask = mask.to(device=device, dtype=torch.float32)
-        tokens = mask.sum().to(torch.float64)
-        self._mask_cache = ((self._mb_id, S, B, device), mask, tokens)
-        return mask, tokens
+        mask_1T = mask.reshape(1, S * B)
+        tokens = mask_1T.sum().to(torch.float64)
+        self._mask_cache = ((self._mb_id, S, B), mask_1T, tokens)
+        return mask_1T, tokens
 
     # -- reduction ---------------------------------------------------------------------------
     def reduce(self, *, dp_cp_group=None, tp_group=None, pp_group=None,

@@ -50,7 +50,8 @@ def main() -> int:
     args = p.parse_args()
 
     tmp = tempfile.mkdtemp()
-    base = ["sft.steps=0", f"train.steps={args.steps + 2 + (args.phase_steps if args.phases else 0)}", "checkpoint.resume=none",
+    steps = args.steps + 2 + (args.phase_steps if args.phases else 0)  # 2 warm-up steps
+    base = ["sft.steps=0", f"train.steps={steps}", "checkpoint.resume=none",
             "evaluation.lengths=[]", f"output.dir={tmp}",
             f"rl.ignore_eos={str(not args.stop_at_eos).lower()}"] + args.overrides
     try:

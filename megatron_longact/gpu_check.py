@@ -468,10 +468,9 @@ def _check_optimizer_overhead_70b(opts: Options, workdir: Path) -> dict:
 
     # Two engines of 1.07 B parameters at 18 bytes each (bf16 weight, fp32 gradient, main weight
     # and two moments) plus one engine's activations and Adam's temporaries: about 55 GB.
-    need = 64 * 2**30
-    if torch.cuda.is_available() and torch.cuda.mem_get_info()[0] < need:
-        free = torch.cuda.mem_get_info()[0] / 2**30
-        return {"status": "SKIP", "detail": f"{free:.0f} GiB free on the GPU; this check needs 64 GiB"}
+    free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    if free is not None and free < 64 * 2**30:
+        return {"status": "SKIP", "detail": f"{free / 2**30:.0f} GiB free on the GPU; this check needs 64 GiB"}
     return _check_optimizer_overhead(dataclasses.replace(opts, seq=min(opts.seq, 2048)), workdir,
                                      "llama3_70b_tp8_pp8_rank", LLAMA3_70B_TP8_PP8_RANK,
                                      "Llama-3-70B TP=8 PP=8 rank (10 layers)")
